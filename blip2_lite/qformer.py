@@ -1,0 +1,332 @@
+"""The Querying Transformer (Q-Former), BLIP-2's bridge between a frozen image encoder and text.
+
+A BERT whose input is ``[queries; text]``: a fixed number of learned query embeddings followed by
+(optionally) word embeddings. Per layer:
+
+    self-attention over [queries; text]           (shared by both; the mask decides who sees whom)
+    cross-attention queries -> image features     (every ``cross_attention_freq``-th layer, queries only)
+    feed-forward                                   (separate weights for query and text positions)
+
+One module serves all four uses of the paper:
+
+====================================  ==============================================================
+image pass (ITC image side, stage 2)  ``qformer(image_embeds=img)``
+text alone (ITC text side)            ``qformer(input_ids=ids, text_attention_mask=m, use_queries=False)``
+joint, bidirectional (ITM)            ``qformer(ids, m, image_embeds=img, mask="itm")``
+joint, multimodal causal (ITG)        ``qformer(ids, m, image_embeds=img, mask="itg")`` or, reusing the
+                                      image pass, ``qformer(ids, m, query_past=out.query_past, mask="itg")``
+====================================  ==============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .masks import attention_mask
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class QFormerConfig:
+    """Sizes of a Q-Former. Defaults are the paper's: BERT-base with 32 queries over ViT-g features."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    encoder_width: int = 1408  # width of the frozen image features (ViT-g)
+    cross_attention_freq: int = 2  # cross-attention in layers 0, f, 2f, ...
+    num_query_tokens: int = 32
+    vocab_size: int = 30523  # bert-base-uncased + [DEC]
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.cross_attention_freq < 1:
+            raise ValueError(f"cross_attention_freq must be >= 1, got {self.cross_attention_freq}")
+
+    def has_cross_attention(self, layer_idx: int) -> bool:
+        return layer_idx % self.cross_attention_freq == 0
+
+
+@dataclass
+class QFormerOutput:
+    last_hidden_state: torch.Tensor  # [B, Q+T, H]
+    num_queries: int
+    query_past: list[KeyValue] | None = None  # per layer, the queries' self-attention keys/values
+    self_attentions: list[torch.Tensor] = field(default_factory=list)  # per layer [B, heads, L, L_keys]
+    cross_attentions: list[torch.Tensor] = field(default_factory=list)  # per cross layer [B, heads, Q, N]
+
+    @property
+    def query_output(self) -> torch.Tensor:
+        return self.last_hidden_state[:, : self.num_queries]
+
+    @property
+    def text_output(self) -> torch.Tensor:
+        return self.last_hidden_state[:, self.num_queries :]
+
+
+class AttentionBlock(nn.Module):
+    """BERT attention: multi-head attention, output projection, dropout, residual, LayerNorm.
+
+    ``kv_width`` differs from the hidden size for cross-attention (keys/values from image features).
+    """
+
+    def __init__(self, config: QFormerConfig, kv_width: int):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_heads
+        self.attention_dropout = config.attention_dropout
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
+
+    def keys_values(self, source: torch.Tensor) -> KeyValue:
+        return self.split_heads(self.key(source)), self.split_heads(self.value(source))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        keys_values: KeyValue,
+        mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``mask``: boolean ``[B, L, L_keys]``, True where attention is allowed."""
+        q = self.split_heads(self.query(hidden))
+        k, v = keys_values
+        sdpa_mask = None if mask is None else mask[:, None]
+        dropout_p = self.attention_dropout if self.training else 0.0
+        weights = None
+        if output_attentions:
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            if sdpa_mask is not None:
+                scores = scores.masked_fill(~sdpa_mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            context = F.dropout(weights, dropout_p, self.training) @ v
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p)
+        context = rearrange(context, "b h n d -> b n (h d)")
+        return self.norm(self.dropout(self.out(context)) + hidden), weights
+
+
+class FeedForward(nn.Module):
+    """BERT feed-forward: Linear, GELU, Linear, dropout, residual, LayerNorm."""
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.dropout(self.fc2(F.gelu(self.fc1(x)))) + x)
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, config: QFormerConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = AttentionBlock(config, kv_width=config.hidden_size)
+        self.cross_attn = (
+            AttentionBlock(config, kv_width=config.encoder_width) if config.has_cross_attention(layer_idx) else None
+        )
+        self.query_ffn = FeedForward(config)
+        self.text_ffn = FeedForward(config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        num_queries: int,
+        self_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        past: KeyValue | None = None,
+        output_attentions: bool = False,
+    ):
+        k, v = self.self_attn.keys_values(hidden)
+        # The queries' keys/values of this pass; cached so that a later text pass can attend to them.
+        query_kv = (k[:, :, :num_queries], v[:, :, :num_queries])
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        hidden, self_weights = self.self_attn(hidden, (k, v), self_mask, output_attentions)
+
+        queries, text = hidden[:, :num_queries], hidden[:, num_queries:]
+        cross_weights = None
+        if num_queries > 0:
+            if self.cross_attn is not None:
+                if image_embeds is None:
+                    raise ValueError("this Q-Former pass has queries, so it needs image_embeds for cross-attention")
+                image_k, image_v = self.cross_attn.keys_values(image_embeds)
+                if image_index is not None:
+                    # keys/values were computed once per distinct image; pick each row's image
+                    image_k, image_v = image_k[image_index], image_v[image_index]
+                queries, cross_weights = self.cross_attn(queries, (image_k, image_v), None, output_attentions)
+            queries = self.query_ffn(queries)
+        if text.shape[1] > 0:
+            text = self.text_ffn(text)
+        return torch.cat([queries, text], dim=1), query_kv, self_weights, cross_weights
+
+
+class QFormer(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.config = config
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.hidden_size))
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embed_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embed_dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_layers))
+        self.apply(self._init_weights)
+        nn.init.normal_(self.query_tokens, std=config.initializer_range)
+
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            nn.init.zeros_(module.weight[module.padding_idx])
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def embed(self, input_ids: torch.Tensor | None, batch_size: int, use_queries: bool) -> torch.Tensor:
+        """``[queries; word + position embeddings]``, then LayerNorm and dropout. Queries get no position."""
+        parts = [self.query_tokens.expand(batch_size, -1, -1)] if use_queries else []
+        if input_ids is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))
+        return self.embed_dropout(self.embed_norm(torch.cat(parts, dim=1)))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        mask: str | torch.Tensor = "itm",
+        image_index: torch.Tensor | None = None,
+        query_past: list[KeyValue] | None = None,
+        use_queries: bool = True,
+        output_attentions: bool = False,
+    ) -> QFormerOutput:
+        """Run the Q-Former.
+
+        Args:
+            input_ids: ``[B, T]`` text tokens, or None for a queries-only pass.
+            text_attention_mask: ``[B, T]`` 1 for tokens, 0 for padding (default: all ones).
+            image_embeds: ``[N, P, encoder_width]`` frozen image features (after the vision LayerNorm).
+            mask: "itc", "itm" or "itg" (see ``masks``), or an explicit boolean
+                ``[B, L, L_past + L]`` self-attention mask (True = may attend).
+            image_index: ``[B]`` which of the N images each row cross-attends to; the image
+                keys/values are then computed once per image (ITM's 3B pairs share B images).
+            query_past: the ``query_past`` of an earlier image pass. The queries' keys/values are
+                taken from it instead of running the queries again (ITG reuse); implies
+                ``use_queries=False`` for this pass.
+            use_queries: prepend the learned queries (False for the text-only ITC pass).
+            output_attentions: also return attention weights (computed explicitly, without SDPA).
+        """
+        cfg = self.config
+        if query_past is not None:
+            use_queries = False
+        num_queries = cfg.num_query_tokens if use_queries else 0
+        batch_size = self._validate(input_ids, text_attention_mask, image_embeds, image_index, query_past, use_queries)
+
+        if input_ids is not None and text_attention_mask is None:
+            text_attention_mask = torch.ones_like(input_ids)
+        self_mask = self._self_mask(mask, num_queries, text_attention_mask, query_past, batch_size)
+
+        hidden = self.embed(input_ids, batch_size, use_queries)
+        out = QFormerOutput(hidden, num_queries, query_past=[] if num_queries else None)
+        for i, layer in enumerate(self.layers):
+            past = query_past[i] if query_past is not None else None
+            hidden, query_kv, self_w, cross_w = layer(
+                hidden, num_queries, self_mask, image_embeds, image_index, past, output_attentions
+            )
+            if num_queries:
+                out.query_past.append(query_kv)
+            if output_attentions:
+                out.self_attentions.append(self_w)
+                if cross_w is not None:
+                    out.cross_attentions.append(cross_w)
+        out.last_hidden_state = hidden
+        return out
+
+    def _self_mask(self, mask, num_queries, text_attention_mask, query_past, batch_size):
+        num_past = query_past[0][0].shape[2] if query_past is not None else 0
+        text_len = 0 if text_attention_mask is None else text_attention_mask.shape[1]
+        length = num_queries + text_len
+        if isinstance(mask, torch.Tensor):
+            expected = (batch_size, length, num_past + length)
+            if mask.dtype != torch.bool or tuple(mask.shape) != expected:
+                raise ValueError(
+                    f"self-attention mask must be a bool tensor of shape {expected}, "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
+            return mask
+        if text_attention_mask is None:
+            return None  # queries alone attend to each other freely
+        if query_past is not None:
+            # The rows of the text positions; the columns cover the cached queries, then the text.
+            return attention_mask(mask, num_past, text_attention_mask)[:, num_past:]
+        return attention_mask(mask, num_queries, text_attention_mask)
+
+    def _validate(self, input_ids, text_attention_mask, image_embeds, image_index, query_past, use_queries) -> int:
+        cfg = self.config
+        sizes = {}
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, text_len], got shape {tuple(input_ids.shape)}")
+            if input_ids.shape[1] > cfg.max_position_embeddings:
+                raise ValueError(
+                    f"text of length {input_ids.shape[1]} is longer than the position table "
+                    f"(max_position_embeddings={cfg.max_position_embeddings}); truncate it when tokenising"
+                )
+            sizes["input_ids"] = input_ids.shape[0]
+            if text_attention_mask is not None and text_attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"text_attention_mask shape {tuple(text_attention_mask.shape)} does not match "
+                    f"input_ids shape {tuple(input_ids.shape)}"
+                )
+        elif not use_queries:
+            raise ValueError("a Q-Former pass needs input_ids, the queries, or both")
+        if image_embeds is not None:
+            if image_embeds.dim() != 3 or image_embeds.shape[-1] != cfg.encoder_width:
+                raise ValueError(
+                    f"image features must be [batch, tokens, {cfg.encoder_width}] (encoder_width), "
+                    f"got shape {tuple(image_embeds.shape)}"
+                )
+            if image_index is None:
+                sizes["image_embeds"] = image_embeds.shape[0]
+            else:
+                if image_index.dim() != 1 or not bool(((image_index >= 0) & (image_index < len(image_embeds))).all()):
+                    raise ValueError(f"image_index must be a 1-D index into the {len(image_embeds)} images")
+                sizes["image_index"] = image_index.shape[0]
+        elif use_queries and any(cfg.has_cross_attention(i) for i in range(cfg.num_layers)):
+            raise ValueError("a pass with queries needs image_embeds (the queries cross-attend to the image)")
+        if query_past is not None:
+            if len(query_past) != cfg.num_layers:
+                raise ValueError(f"query_past has {len(query_past)} layers, the Q-Former has {cfg.num_layers}")
+            sizes["query_past"] = query_past[0][0].shape[0]
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"mismatched batch sizes: {sizes}")
+        return next(iter(sizes.values()))

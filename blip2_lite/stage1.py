@@ -1,0 +1,178 @@
+"""BLIP-2 stage 1: vision-language representation learning with a frozen image encoder.
+
+``Blip2Stage1`` wires the frozen image encoder, the vision LayerNorm, the Q-Former and the three
+heads to the losses of ``blip2_lite.losses``. Per step it runs the Q-Former three times:
+
+1. image pass: queries + image (ITC image side). Its query keys/values are kept for ITG.
+2. text pass: text alone (ITC text side).
+3. ITM pass: 3B (text, image) pairs, bidirectional mask; image keys/values computed once per image.
+4. ITG pass: text only, attending to the cached query keys/values under the causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .qformer import QFormer, QFormerConfig
+
+
+class LMHead(nn.Module):
+    """BERT's prediction head (dense, GELU, LayerNorm, vocabulary projection) for ITG.
+
+    The vocabulary projection reuses the Q-Former's word-embedding matrix (tied, as in BERT), which
+    the caller passes in so that the weight is owned, and saved, once.
+    """
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        nn.init.normal_(self.dense.weight, std=config.initializer_range)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), word_embeddings, self.bias)
+
+
+@dataclass
+class Stage1Output:
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_itg: torch.Tensor
+    sim_i2t: torch.Tensor
+    itm_logits: torch.Tensor
+
+
+class Blip2Stage1(nn.Module):
+    """Frozen image encoder + vision LayerNorm + Q-Former + ITC/ITM/ITG heads.
+
+    Args:
+        config: Q-Former sizes.
+        dec_token_id: id of the ``[DEC]`` token that starts ITG decoding.
+        image_encoder: any module mapping images to ``[B, N, encoder_width]`` features; frozen here.
+            Optional: ``forward`` also accepts precomputed (cached) features.
+        embed_dim: width of the contrastive space (256 in the paper).
+        vision_layer_norm_eps: eps of the vision LayerNorm (1e-6 in the Hugging Face layout).
+    """
+
+    def __init__(
+        self,
+        config: QFormerConfig,
+        dec_token_id: int,
+        image_encoder: nn.Module | None = None,
+        embed_dim: int = 256,
+        vision_layer_norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        if not 0 <= dec_token_id < config.vocab_size:
+            raise ValueError(f"dec_token_id {dec_token_id} is outside the vocabulary (size {config.vocab_size})")
+        self.config = config
+        self.dec_token_id = dec_token_id
+        self.image_encoder = image_encoder
+        if image_encoder is not None:
+            image_encoder.requires_grad_(False).eval()
+        self.ln_vision = nn.LayerNorm(config.encoder_width, eps=vision_layer_norm_eps)
+        self.qformer = QFormer(config)
+        self.vision_proj = nn.Linear(config.hidden_size, embed_dim)
+        self.text_proj = nn.Linear(config.hidden_size, embed_dim)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.lm_head = LMHead(config)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        for head in (self.vision_proj, self.text_proj, self.itm_head):
+            nn.init.normal_(head.weight, std=config.initializer_range)
+            nn.init.zeros_(head.bias)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.image_encoder is not None:
+            self.image_encoder.eval()  # frozen: BatchNorm statistics and dropout stay fixed
+        return self
+
+    # -- the pieces, usable on their own (retrieval, visualisation) -------------------------------
+
+    def image_embeds(self, images: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
+        """Frozen features (computed without gradient, or given) through the vision LayerNorm."""
+        if (images is None) == (image_features is None):
+            raise ValueError("pass exactly one of images or image_features")
+        if images is not None:
+            if self.image_encoder is None:
+                raise ValueError("this model has no image_encoder: pass precomputed image_features instead")
+            with torch.no_grad():
+                image_features = self.image_encoder(images)
+        if image_features.dim() != 3 or image_features.shape[-1] != self.config.encoder_width:
+            raise ValueError(
+                f"image features must be [batch, tokens, {self.config.encoder_width}], "
+                f"got shape {tuple(image_features.shape)}"
+            )
+        return self.ln_vision(image_features)
+
+    def image_features(self, image_embeds: torch.Tensor, output_attentions: bool = False):
+        """ITC image side: normalised projections of every query output ``[B, Q, E]``, and the pass."""
+        out = self.qformer(image_embeds=image_embeds, output_attentions=output_attentions)
+        return F.normalize(self.vision_proj(out.query_output), dim=-1), out
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITC text side: normalised projection of the text [CLS] output ``[B, E]``."""
+        out = self.qformer(input_ids, attention_mask, use_queries=False)
+        return F.normalize(self.text_proj(out.text_output[:, 0]), dim=-1)
+
+    def itm_logits(self, image_embeds, input_ids, attention_mask, image_index=None) -> torch.Tensor:
+        """ITM logits ``[B, 2]`` (index 1 = match) for (text row, image) pairs."""
+        out = self.qformer(input_ids, attention_mask, image_embeds, mask="itm", image_index=image_index)
+        return losses.itm_logits(self.itm_head, out.query_output)
+
+    def itg_logits(self, text_output: torch.Tensor) -> torch.Tensor:
+        """ITG next-token logits ``[B, T, vocab]`` from the text outputs of a causal pass."""
+        return self.lm_head(text_output, self.qformer.word_embeddings.weight)
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Stage1Output:
+        """The three stage-1 losses and their sum for a batch of (image, caption) pairs.
+
+        ``image_ids`` (optional, ``[B]``): captions of the same image are all ITC positives and are
+        never drawn as ITM negatives. ``generator`` seeds the hard-negative sampling.
+        """
+        image_embeds = self.image_embeds(images, image_features)
+        batch = image_embeds.shape[0]
+        if input_ids.shape[0] != batch or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"mismatched batch: {batch} images, input_ids {tuple(input_ids.shape)}, "
+                f"attention_mask {tuple(attention_mask.shape)}"
+            )
+
+        image_feats, image_pass = self.image_features(image_embeds)
+        text_feats = self.text_features(input_ids, attention_mask)
+        itc = losses.itc_loss(image_feats, text_feats, self.temp, image_ids)
+
+        # ITM: hard negatives from the local block of the ITC similarities.
+        rank, _ = losses.distributed_world()
+        local = slice(rank * batch, (rank + 1) * batch)
+        neg_image, neg_text = losses.sample_hard_negatives(
+            itc.sim_i2t[:, local], itc.sim_t2i[:, local], itc.positives[:, local], generator
+        )
+        text_index, image_index, itm_labels = losses.itm_pairs(batch, neg_image, neg_text)
+        itm_logits = self.itm_logits(image_embeds, input_ids[text_index], attention_mask[text_index], image_index)
+        loss_itm = losses.itm_loss(itm_logits, itm_labels)
+
+        # ITG: text attends to the image pass's query keys/values (exact: queries never see text).
+        decoder_ids, labels = losses.itg_inputs(input_ids, attention_mask, self.dec_token_id)
+        text_pass = self.qformer(decoder_ids, attention_mask, mask="itg", query_past=image_pass.query_past)
+        loss_itg = losses.itg_loss(self.itg_logits(text_pass.text_output), labels)
+
+        return Stage1Output(itc.loss + loss_itm + loss_itg, itc.loss, loss_itm, loss_itg, itc.sim_i2t, itm_logits)

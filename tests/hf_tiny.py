@@ -1,0 +1,78 @@
+"""Tiny random BLIP-2 checkpoints built with transformers' own classes (the reference)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Blip2Config,
+    Blip2ForImageTextRetrieval,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    Blip2VisionConfig,
+)
+
+VOCAB = 50
+ENCODER_WIDTH = 24
+
+
+def qformer_config(num_layers: int, cross_attention_freq: int, text_input: bool) -> Blip2QFormerConfig:
+    return Blip2QFormerConfig(
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=48,
+        encoder_hidden_size=ENCODER_WIDTH,
+        cross_attention_frequency=cross_attention_freq,
+        use_qformer_text_input=text_input,
+        vocab_size=VOCAB,
+        max_position_embeddings=20,
+    )
+
+
+def randomise_layernorms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Fresh models have LayerNorm weight 1 / bias 0, which would hide a mis-mapped LayerNorm."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+
+
+def tiny_qformer(path, num_layers: int, cross_attention_freq: int) -> Blip2QFormerModel:
+    torch.manual_seed(0)
+    model = Blip2QFormerModel(qformer_config(num_layers, cross_attention_freq, text_input=False)).eval()
+    randomise_layernorms(model)
+    model.save_pretrained(path)
+    return model
+
+
+def tiny_retrieval(path, num_layers: int, cross_attention_freq: int, num_query_tokens: int) -> Blip2ForImageTextRetrieval:
+    torch.manual_seed(0)
+    vision = Blip2VisionConfig(
+        hidden_size=ENCODER_WIDTH, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8, initializer_range=0.02,
+    )
+    config = Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer_config(num_layers, cross_attention_freq, text_input=True).to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_text_hidden_size=16,
+    )
+    model = Blip2ForImageTextRetrieval(config).eval()
+    with torch.no_grad():
+        model.query_tokens.normal_(std=0.5)  # zeros by default: would make every query identical
+    randomise_layernorms(model)
+    model.save_pretrained(path)
+    return model
+
+
+def padded_text(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids with ragged lengths (row i keeps length - i tokens, at least 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for i in range(batch):
+        mask[i, max(2, length - i) :] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
