@@ -28,20 +28,31 @@ def distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the summed gradient of its own slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        rank, world = distributed_world()
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on this rank's features
+        return grad.chunk(world)[rank]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0, keeping the autograd graph.
 
-    ``torch.distributed.nn.functional.all_gather`` sends each rank's gradient back to the rank that
-    owns the slice, so after DDP's gradient averaging the parameters get exactly the gradient of
-    single-process training on the global batch. (LAVIS gathers without gradient: same loss,
-    different gradient.)
+    Each rank's features receive the gradient of every rank's loss, so after DDP's gradient
+    averaging the parameters get exactly the gradient of single-process training on the global
+    batch. (LAVIS gathers without gradient: same loss, different gradient.) Needs the same batch
+    size on every rank.
     """
     _, world = distributed_world()
-    if world == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return x if world == 1 else _GatherWithGrad.apply(x)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:

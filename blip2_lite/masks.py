@@ -11,7 +11,8 @@ What changes between the three objectives is only *who may look at whom*:
 
 A mask here is a boolean tensor ``[batch, L, L]`` with ``L = num_queries + text_len`` where
 ``mask[b, i, j]`` is True when position ``i`` may attend to position ``j``. Padded text positions
-are never attended to (their own rows are kept valid so that no row is entirely masked).
+are never attended to. A row left with no key at all (a left-padded position that may only
+look backwards) attends to itself, so that softmax never sees an all-masked row.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def attention_mask(kind: str, num_queries: int, text_attention_mask: torch.Tenso
         allowed[:q, :q] = True
         allowed[q:, :q] = True
         allowed[q:, q:] = causal_text
-    return allowed[None] & key_valid[:, None, :]
+    mask = allowed[None] & key_valid[:, None, :]
+    empty_rows = ~mask.any(dim=-1, keepdim=True)
+    return mask | (empty_rows & torch.eye(length, dtype=torch.bool, device=device))
 
 
 def itc_mask(num_queries: int, text_attention_mask: torch.Tensor) -> torch.Tensor:

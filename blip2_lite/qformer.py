@@ -307,6 +307,8 @@ class QFormer(nn.Module):
                     f"text_attention_mask shape {tuple(text_attention_mask.shape)} does not match "
                     f"input_ids shape {tuple(input_ids.shape)}"
                 )
+        elif text_attention_mask is not None:
+            raise ValueError("text_attention_mask was given without input_ids")
         elif not use_queries:
             raise ValueError("a Q-Former pass needs input_ids, the queries, or both")
         if image_embeds is not None:

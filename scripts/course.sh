@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1
 mkdir -p build/course
 for nb in notebooks/[0-9][0-9]_*.ipynb; do
     echo "== $nb"
