@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: without ipywidgets it warns in notebooks
 
 
 class WeightLoadError(ValueError):
@@ -42,8 +42,9 @@ class FrozenImageEncoder(nn.Module):
     ``feature_layer=-1`` is the model's final feature map (``forward_features``): for
     EfficientNet that includes the 1x1 head conv (1280 channels; the 320-channel map before it
     learns far worse), for a ViT the final norm. Any other index follows timm's
-    ``forward_intermediates``: -2 is the output of the second-to-last stage (CNN) or block (ViT,
-    which is what BLIP-2 uses), without the final norm. CNN maps ``[B, C, H, W]`` become
+    ``forward_intermediates``: -2 is the output of the second-to-last block of a ViT (what BLIP-2
+    uses), without the final norm, or of a CNN's second-to-last feature stage (timm counts stages
+    by resolution: for EfficientNet-Lite0 the stride-16 map, 112 x 14 x 14 at 224 px). CNN maps ``[B, C, H, W]`` become
     ``H*W`` tokens; ViTs keep their CLS/prefix tokens in front of the patches, as BLIP-2 does.
     """
 
@@ -66,7 +67,7 @@ class FrozenImageEncoder(nn.Module):
         else:
             self.model = timm.create_model(model_name, pretrained=False)
         self.model.requires_grad_(False)
-        # channels_last runs the depthwise convs ~20% faster on CPU (same numbers to 1e-4)
+        # channels_last: 1.7x the images/s of NCHW on a 2-core CPU, same features to 1e-4
         self.model.to(memory_format=torch.channels_last)
         self.train(False)
 
@@ -96,13 +97,13 @@ class FrozenImageEncoder(nn.Module):
         x = pixels.to(self.mean.device).contiguous(memory_format=torch.channels_last)
         if self.feature_layer == -1:
             out = self.model.forward_features(x)
-        elif "return_prefix_tokens" in inspect.signature(self.model.forward_intermediates).parameters:  # ViT-like
-            (patches, prefix), = self.model.forward_intermediates(
-                x, indices=[self.feature_layer], intermediates_only=True, output_fmt="NLC", return_prefix_tokens=True
-            )
-            out = torch.cat([prefix, patches], dim=1)
         else:
-            out, = self.model.forward_intermediates(x, indices=[self.feature_layer], intermediates_only=True)
+            # ViTs default to dropping the prefix tokens and reshaping to NCHW: ask for tokens instead
+            vit = "return_prefix_tokens" in inspect.signature(self.model.forward_intermediates).parameters
+            tokens = dict(output_fmt="NLC", return_prefix_tokens=True) if vit else {}
+            out, = self.model.forward_intermediates(x, indices=[self.feature_layer], intermediates_only=True, **tokens)
+            if isinstance(out, tuple):  # (patches, prefix) -> [prefix; patches], CLS first as in BLIP-2
+                out = torch.cat([out[1], out[0]], dim=1)
         return rearrange(out, "b c h w -> b (h w) c") if out.ndim == 4 else out
 
     @torch.no_grad()
@@ -194,7 +195,7 @@ def _image_batches(images, batch_size):
 def extract_features(encoder: FrozenImageEncoder, images, batch_size=64, progress=True) -> torch.Tensor:
     """Features ``[N, tokens, D]`` in float16 for a list/iterable of PIL images or a ``datasets.Dataset``
     with an "image" column. Half precision halves disk and RAM; the default map is post-ReLU6
-    (values in [0, 6], mostly zeros), where fp16 loses nothing that matters."""
+    (values in [0, 6], ~90% zeros), where fp16 is off by at most 0.002."""
     total = len(images) if hasattr(images, "__len__") else None
     chunks = []
     with tqdm(total=total, desc=f"features {encoder.model_name}", unit="img", disable=not progress) as bar:
@@ -226,7 +227,7 @@ def cached_features(
 
     features = extract_features(encoder, split)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # write elsewhere and rename: an interrupted run leaves only a .tmp file, never a truncated cache
+    # write elsewhere, then rename (atomic): an interrupted run never leaves a truncated file under `path`
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         save_file({"features": features.contiguous()}, tmp, metadata=key)
