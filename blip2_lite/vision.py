@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm  # not tqdm.auto: without ipywidgets it warns in notebooks
+from tqdm.auto import tqdm
 
 
 class WeightLoadError(ValueError):
