@@ -257,8 +257,10 @@ def qformer_from_bert(
     """A Q-Former whose self-attention, feed-forwards (both copies) and embeddings come from a
     pretrained BERT; cross-attention and queries are random. Returns ``(qformer, tokenizer)``."""
     from transformers import BertModel
+    from transformers.utils import logging
 
-    bert = BertModel.from_pretrained(resolve_bert(name), add_pooling_layer=False)
+    logging.disable_progress_bar()  # a "Loading weights" bar per call would clutter the notebooks
+    bert = BertModel.from_pretrained(resolve_bert(name))
     tokenizer = bert_tokenizer(name)
     c = bert.config
     config = QFormerConfig(

@@ -9,8 +9,8 @@ Design choices that matter for what the models can learn and how they are scored
 
 * Every caption names every object by colour *and* shape, and adds one more kind of fact (sizes,
   grid cells, or relations between objects). Telling scenes apart therefore needs attribute
-  binding (which colour goes with which shape), yet a caption rarely fits a second image, so exact
-  retrieval recall is not capped by ambiguity (see ``caption_ambiguity``). A lone object is
+  binding (which colour goes with which shape), yet a caption rarely fits a second image, so the
+  ambiguity cap on exact retrieval recall stays high (see ``caption_ambiguity``). A lone object is
   always given with its size and grid cell, since otherwise many scenes would share its caption.
 * Each caption is stored with the facts it asserts (``caption_facts``, JSON); ``caption_holds``
   checks them against any scene, so evaluation can report a *semantic* recall (the retrieved
@@ -44,6 +44,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
+
+from .paths import cache_root
 
 DATASET_VERSION = 1  # bump on any change to the generator: feature caches are keyed by it
 SPLITS = ("train", "val", "test")
@@ -291,6 +293,17 @@ def caption_holds(facts: dict | str, objects: list[dict]) -> bool:
     return False
 
 
+def relevance_matrix(split: datasets.Dataset) -> "torch.Tensor":
+    """``[N_images, N_images * 5]`` bool: caption j (in split order) describes image i. For
+    semantic recall, which counts a retrieved image that fits the caption although it is not the
+    caption's own."""
+    import torch
+
+    objects = split["objects"]
+    facts = [json.loads(f) for per_image in split["caption_facts"] for f in per_image]
+    return torch.tensor([[caption_holds(f, objs) for f in facts] for objs in objects])
+
+
 # ----------------------------------------------------------------------------- VQA
 
 SYNONYMS = {"purple": "violet", "square": "box", "cross": "plus", "circle": "round", "yes": "yeah", "no": "nope"}
@@ -478,7 +491,7 @@ def generate_shapes_world(sizes: dict | None = None, seed: int = 0, progress: bo
     return datasets.DatasetDict(splits)
 
 
-def load_shapes_world(root: str = "data/cache", sizes: dict | None = None, seed: int = 0,
+def load_shapes_world(root: str | None = None, sizes: dict | None = None, seed: int = 0,
                       progress: bool = True) -> datasets.DatasetDict:
     """The shapes world, generated once into ``root/shapes-v{VERSION}-s{seed}-{train}-{val}-{test}``.
 
@@ -486,6 +499,7 @@ def load_shapes_world(root: str = "data/cache", sizes: dict | None = None, seed:
     removed on any error or interrupt), so a half-written dataset is never loaded.
     """
     sizes = _check(sizes, seed)
+    root = str(root or cache_root())
     path = os.path.join(root, f"shapes-v{DATASET_VERSION}-s{seed}-" + "-".join(str(sizes[s]) for s in SPLITS))
     if not os.path.isdir(path):
         os.makedirs(root, exist_ok=True)
@@ -557,7 +571,8 @@ def chance_levels(dataset_dict: datasets.DatasetDict) -> dict[str, float]:
 def caption_ambiguity(split: datasets.Dataset) -> float:
     """Fraction of the split's captions that hold for more than one of its images.
 
-    Exact text->image R@1 can reach at most 1 - (this fraction) on average; semantic recall
+    Such captions cap exact text->image R@1: even a model that reads every caption perfectly can
+    only guess among the k images a caption fits (expected 1/k); semantic recall
     (``caption_holds`` on the retrieved image) does not have that ceiling.
     """
     by_count = defaultdict(list)  # only scenes with the caption's object count can match
@@ -594,4 +609,5 @@ def show_examples(dataset: datasets.Dataset, n: int = 6, seed: int = 0):
                   for q, a in zip(example["questions"][:2], example["answers"][:2])]
         ax.text(0, -0.03, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=9, family="monospace")
     fig.tight_layout()
+    fig.subplots_adjust(hspace=0.6)  # the caption block under each image needs the room
     return fig

@@ -68,7 +68,10 @@ def itm_rerank(model, image_features, input_ids, attention_mask, itc_scores, k: 
         logits = []
         for i in tqdm(range(0, len(pairs_image), batch_size), disable=not progress, desc="ITM re-rank"):
             image, text = pairs_image[i : i + batch_size], pairs_text[i : i + batch_size]
-            logits.append(model.itm_logits(image_embeds, input_ids[text], attention_mask[text], image_index=image)[:, 1])
+            length = int(attention_mask[text].sum(dim=1).max())  # skip all-padding columns
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # 1.7x faster; ranks barely move
+                logit = model.itm_logits(image_embeds, input_ids[text, :length], attention_mask[text, :length], image)
+            logits.append(logit[:, 1].float())
         return torch.cat(logits)
 
     def direction(scores):  # rows are the queries

@@ -31,6 +31,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .paths import cache_root
+
 
 class WeightLoadError(ValueError):
     pass
@@ -206,7 +208,7 @@ def extract_features(encoder: FrozenImageEncoder, images, batch_size=64, progres
 
 
 def cached_features(
-    encoder: FrozenImageEncoder, split, split_name: str, dataset_version: str, cache_dir="data/cache/features"
+    encoder: FrozenImageEncoder, split, split_name: str, dataset_version: str, cache_dir=None
 ) -> torch.Tensor:
     """``extract_features`` once, then from a safetensors file keyed by everything that changes them."""
     key = {
@@ -219,7 +221,7 @@ def cached_features(
         "num_images": str(len(split)),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"{split_name}-{encoder.model_name}-{digest}.safetensors"
+    path = Path(cache_dir or cache_root() / "features") / f"{split_name}-{encoder.model_name}-{digest}.safetensors"
     if path.exists():
         with safe_open(path, framework="pt") as f:
             if f.metadata() == key:  # guards against a hand-copied or renamed file

@@ -11,7 +11,7 @@ from blip2_lite.checkpoints import DEC_TOKEN, qformer_from_bert, resolve_bert
 def loaded():
     torch.manual_seed(0)
     qformer, tokenizer = qformer_from_bert(num_query_tokens=8, encoder_width=1280)
-    bert = BertModel.from_pretrained(resolve_bert("minilm"), add_pooling_layer=False)
+    bert = BertModel.from_pretrained(resolve_bert("minilm"))
     return qformer.eval(), tokenizer, bert.eval()
 
 

@@ -1,0 +1,40 @@
+"""The stage-1 pipeline end to end on a tiny world (smoke preset), and its caching."""
+
+import json
+
+import pytest
+
+from blip2_lite.__main__ import main
+from blip2_lite.train import CHECKPOINT, load_lite_world, run_stage1
+
+SIZES = {"train": 24, "val": 8, "test": 8}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return load_lite_world(tmp_path_factory.mktemp("cache"), sizes=SIZES, progress=False)
+
+
+def test_lite_world_has_cached_features_and_tokens(world):
+    train = world.splits["train"]
+    assert train.features.shape == (24, 49, 1280) and train.input_ids.shape[:2] == (24, 5)
+    assert world.tokenizer.convert_ids_to_tokens(int(train.input_ids[0, 0, 0])) == "[CLS]"
+
+
+def test_run_stage1_trains_evaluates_and_reuses_its_run(world, tmp_path):
+    model, history, metrics = run_stage1("smoke", root=tmp_path, run_dir=tmp_path / "run", world=world, progress=False)
+    assert history.steps == [1, 2, 3, 4] and history.eval_steps == [2, 4]
+    assert {"i2t_r1", "t2i_r5", "i2t_semantic_r1", "itm_i2t_r1", "itm_t2i_semantic_r1"} <= metrics.keys()
+    assert all(0 <= v <= 100 for v in metrics.values())
+    assert (tmp_path / "run" / CHECKPOINT).exists()
+    assert json.loads((tmp_path / "run" / "test_metrics.json").read_text()) == metrics
+    again, _, metrics_again = run_stage1("smoke", root=tmp_path, run_dir=tmp_path / "run", world=world, progress=False)
+    assert metrics_again == metrics
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_unknown_preset_is_refused(world):
+    with pytest.raises(ValueError, match="unknown preset"):
+        run_stage1("huge", world=world)
+    with pytest.raises(SystemExit):
+        main(["stage1", "--preset", "huge"])
