@@ -652,8 +652,10 @@ for direction in ("i2t", "t2i"):
 # far more often than chance. ITM has had the same few hundred steps; whether its re-ranking helps
 # yet is an empirical question, which the table above answers for this run rather than assumes.
 #
-# Some examples: each test image with its three best captions by ITC. ✓ marks one of its own
-# captions, ≈ a caption that describes it although written for another image, ✗ a wrong one.
+# Some examples: test images with their three best captions by ITC, two whose best caption is
+# right and two whose best caption is wrong (the first of each kind in the test split). ✓ marks one
+# of the image's own captions, ≈ a caption written for another image that fits this one too, ✗ a
+# wrong one. The misses are instructive: look at which attribute the model confuses.
 
 # %%
 from blip2_lite.data import caption_holds
@@ -667,8 +669,12 @@ scores = itc_similarity(image_feats, text_feats)
 all_captions = [c for per_image in test_split["captions"] for c in per_image]
 all_facts = [f for per_image in test_split["caption_facts"] for f in per_image]
 
+top1_is_own = text_image[scores.argmax(dim=1)] == torch.arange(len(scores))
+hits = torch.nonzero(top1_is_own).flatten()[:2].tolist()
+misses = torch.nonzero(~top1_is_own).flatten()[:2].tolist()
+
 fig, axes = plt.subplots(1, 4, figsize=(16, 5.2))
-for ax, image_index in zip(axes, [0, 1, 2, 3]):
+for ax, image_index in zip(axes, hits + misses):
     objects = test_split[image_index]["objects"]
     ax.imshow(test_split[image_index]["image"])
     ax.axis("off")
