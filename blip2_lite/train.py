@@ -391,5 +391,7 @@ def run_stage1(preset: str = "course", root: str | None = None, run_dir: str | N
         relevant = relevance_matrix(world.dataset["test"])
         test_metrics = retrieval_on(model, world.splits["test"], relevant=relevant, rerank_k=chosen.rerank_k,
                                     progress=progress)
-        metrics_path.write_text(json.dumps(test_metrics, indent=1))
+        tmp = metrics_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(test_metrics, indent=1))
+        os.replace(tmp, metrics_path)  # a half-written file would otherwise be reused as a cache
     return model.eval(), history, test_metrics
