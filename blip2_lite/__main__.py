@@ -1,15 +1,15 @@
-"""Command line: ``python -m blip2_lite stage1 --preset course``.
+"""Command line: ``python -m blip2_lite stage1 --preset course`` / ``stage2 --family opt --preset course``.
 
-Runs the same function as the notebooks (``blip2_lite.train.run_stage1``): generates the shapes
-world and its frozen features if they are not cached, trains (resuming an interrupted run in the
-same run directory), and prints the test retrieval metrics.
+Runs the same functions as the notebooks (``blip2_lite.train.run_stage1`` / ``run_stage2``):
+generates the shapes world, its frozen features and the lite LLMs if they are not cached, trains
+(resuming an interrupted run in the same run directory), and prints the test metrics.
 """
 
 import argparse
 import json
 import os
 
-from .train import STAGE1_PRESETS, run_stage1
+from .train import STAGE1_PRESETS, STAGE2_PRESETS, run_stage1, run_stage2
 
 
 def main(argv=None):
@@ -17,12 +17,20 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     stage1 = commands.add_parser("stage1", help="BLIP-2 stage 1 (ITC + ITM + ITG) in the lite world")
     stage1.add_argument("--preset", choices=sorted(STAGE1_PRESETS), default="course")
-    stage1.add_argument("--root", default=None, help="dataset, feature and run caches (default: blip2_lite.paths.cache_root())")
-    stage1.add_argument("--run-dir", default=None, help="checkpoints and metrics (default ROOT/runs/stage1-PRESET-HASH)")
+    stage2 = commands.add_parser("stage2", help="BLIP-2 stage 2 (soft visual prompts for a frozen LLM)")
+    stage2.add_argument("--family", choices=["opt", "t5"], default="opt")
+    stage2.add_argument("--preset", choices=sorted(STAGE2_PRESETS), default="course")
+    for command in (stage1, stage2):
+        command.add_argument("--root", default=None,
+                             help="dataset, feature, LLM and run caches (default: blip2_lite.paths.cache_root())")
+        command.add_argument("--run-dir", default=None, help="checkpoints and metrics (default ROOT/runs/STAGE-...-HASH)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lite world never needs a hub
-    _, _, metrics = run_stage1(args.preset, root=args.root, run_dir=args.run_dir)
+    if args.command == "stage1":
+        _, _, metrics = run_stage1(args.preset, root=args.root, run_dir=args.run_dir)
+    else:
+        _, _, metrics = run_stage2(args.family, args.preset, root=args.root, run_dir=args.run_dir)
     print(json.dumps(metrics, indent=1))
 
 

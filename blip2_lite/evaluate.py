@@ -106,3 +106,45 @@ def retrieval(model, image_features, input_ids, attention_mask, text_image, rele
             reranked["itm_t2i_semantic_r1"] = semantic_recall_at_1(t2i, relevant)["t2i_semantic_r1"]
         metrics |= reranked
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 2: captions and zero-shot VQA
+# ---------------------------------------------------------------------------------------------------
+
+
+def unigram_f1(prediction: str, reference: str) -> float:
+    """Word-overlap F1 (bag of words with counts) between two lower-cased texts."""
+    from collections import Counter
+
+    pred, ref = Counter(prediction.lower().split()), Counter(reference.lower().split())
+    overlap = sum((pred & ref).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / sum(pred.values()), overlap / sum(ref.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """A simple token-level score until the evaluation chapter brings BLEU/CIDEr: per image the best
+    unigram F1 over its references, and the share of captions that equal one of them exactly (in %)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} images")
+    f1 = [max(unigram_f1(p, r) for r in refs) for p, refs in zip(predictions, references)]
+    exact = [any(p.strip().lower() == r.lower() for r in refs) for p, refs in zip(predictions, references)]
+    return {"unigram_f1": 100 * sum(f1) / len(f1), "exact": 100 * sum(exact) / len(exact)}
+
+
+def vqa_scores(predictions: list[str], answers: list[list[str]], question_types: list[str]) -> dict[str, float]:
+    """VQA accuracy (%) overall (``vqa_overall``) and per question type (``vqa_<type>``), the keys of
+    ``data.chance_levels``."""
+    from .data import vqa_accuracy
+
+    if not len(predictions) == len(answers) == len(question_types):
+        raise ValueError("predictions, answers and question_types differ in length")
+    scores = [vqa_accuracy(p, a) for p, a in zip(predictions, answers)]
+    out = {"vqa_overall": 100 * sum(scores) / len(scores)}
+    for kind in sorted(set(question_types)):
+        picked = [s for s, t in zip(scores, question_types) if t == kind]
+        out[f"vqa_{kind}"] = 100 * sum(picked) / len(picked)
+    return out

@@ -50,6 +50,9 @@ class QFormerConfig:
     attention_dropout: float = 0.1
     pad_token_id: int = 0
     initializer_range: float = 0.02
+    # False builds the queries-only Q-Former of the stage-2 checkpoints (no word/position
+    # embeddings, no text feed-forwards): stage 2 never feeds it text.
+    text_input: bool = True
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -149,7 +152,7 @@ class QFormerLayer(nn.Module):
             AttentionBlock(config, kv_width=config.encoder_width) if config.has_cross_attention(layer_idx) else None
         )
         self.query_ffn = FeedForward(config)
-        self.text_ffn = FeedForward(config)
+        self.text_ffn = FeedForward(config) if config.text_input else None
 
     def forward(
         self,
@@ -190,8 +193,9 @@ class QFormer(nn.Module):
         super().__init__()
         self.config = config
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.hidden_size))
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if config.text_input:
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_layers))
@@ -294,6 +298,8 @@ class QFormer(nn.Module):
         cfg = self.config
         sizes = {}
         if input_ids is not None:
+            if not cfg.text_input:
+                raise ValueError("this Q-Former was built with text_input=False (queries only): it takes no input_ids")
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, text_len], got shape {tuple(input_ids.shape)}")
             if input_ids.shape[1] > cfg.max_position_embeddings:

