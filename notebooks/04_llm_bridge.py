@@ -282,7 +282,15 @@ from blip2_lite.train import load_lite_world, run_stage1
 
 world = load_lite_world()
 stage1_model, _, _ = run_stage1("course", world=world)  # chapter 3's run, from the cache
-llms = {family: load_lite_llm(family, world.dataset) for family in LLM_FAMILIES}
+
+# %% [markdown]
+# Pretraining both LLMs takes about a minute and a half on the first run (no progress bars here:
+# the loss curves follow); later runs load them from the cache.
+
+# %%
+llms = {family: load_lite_llm(family, world.dataset, progress=False) for family in LLM_FAMILIES}
+
+# %%
 plot_llm_history({family: load_llm_history(family, world.dataset) for family in LLM_FAMILIES})
 plt.show()
 
@@ -318,7 +326,9 @@ for family, (language_model, tokenizer) in llms.items():
 from blip2_lite.train import STAGE2_PRESETS, generate_in_batches, plot_history, run_stage2
 
 print(STAGE2_PRESETS["course"])
-stage2 = {family: run_stage2(family, "course", world=world, stage1_model=stage1_model) for family in LLM_FAMILIES}
+# about 1.5 minutes per family on the first run (losses are plotted below); cached afterwards
+stage2 = {family: run_stage2(family, "course", world=world, stage1_model=stage1_model, progress=False)
+          for family in LLM_FAMILIES}
 for family, (_, history, _) in stage2.items():
     plot_history(history, f"stage 2 with the frozen {family.upper()}")
     plt.show()

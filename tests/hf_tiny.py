@@ -39,6 +39,14 @@ def randomise_layernorms(model: torch.nn.Module, seed: int = 0) -> None:
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
 
 
+def vision_config() -> Blip2VisionConfig:
+    """A 2-layer ViT over 32 px images (16 patches of 8 px)."""
+    return Blip2VisionConfig(
+        hidden_size=ENCODER_WIDTH, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8, initializer_range=0.02,
+    )
+
+
 def tiny_qformer(path, num_layers: int, cross_attention_freq: int) -> Blip2QFormerModel:
     torch.manual_seed(0)
     model = Blip2QFormerModel(qformer_config(num_layers, cross_attention_freq, text_input=False)).eval()
@@ -49,10 +57,7 @@ def tiny_qformer(path, num_layers: int, cross_attention_freq: int) -> Blip2QForm
 
 def tiny_retrieval(path, num_layers: int, cross_attention_freq: int, num_query_tokens: int) -> Blip2ForImageTextRetrieval:
     torch.manual_seed(0)
-    vision = Blip2VisionConfig(
-        hidden_size=ENCODER_WIDTH, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=8, initializer_range=0.02,
-    )
+    vision = vision_config()
     config = Blip2Config(
         vision_config=vision.to_dict(),
         qformer_config=qformer_config(num_layers, cross_attention_freq, text_input=True).to_dict(),
@@ -103,10 +108,7 @@ def tiny_conditional(path, family: str, num_query_tokens: int = 4):
     from transformers import Blip2ForConditionalGeneration
 
     torch.manual_seed(0)
-    vision = Blip2VisionConfig(
-        hidden_size=ENCODER_WIDTH, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=8, initializer_range=0.02,
-    )
+    vision = vision_config()
     config = Blip2Config(
         vision_config=vision.to_dict(),
         qformer_config=qformer_config(3, 2, text_input=False).to_dict(),
