@@ -73,9 +73,6 @@ class LanguageBatch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
 
-    def __getitem__(self, index) -> "LanguageBatch":
-        return LanguageBatch(self.input_ids[index], self.attention_mask[index], self.labels[index])
-
 
 def language_batch(tokenizer, prompts: list[str], targets: list[str], encoder_decoder: bool) -> LanguageBatch:
     """Tokenise (prompt, target) pairs for the stage-2 loss. The target gets the end-of-sequence token.

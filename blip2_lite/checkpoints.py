@@ -409,10 +409,10 @@ def from_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None, 
     projection stay in fp32.
     """
     path = resolve_checkpoint(name_or_path)
-    architecture = json.loads((path / "config.json").read_text()).get("architectures", [""])[0]
+    config = json.loads((path / "config.json").read_text())
+    architecture = config.get("architectures", [""])[0]
     if architecture == "Blip2ForImageTextRetrieval":
         model, vision_state = load_hf_retrieval(path)
-        config = json.loads((path / "config.json").read_text())
         model.image_encoder = _vision_tower(config["vision_config"], vision_state).requires_grad_(False).eval()
         frozen = [model.image_encoder]
     elif architecture == "Blip2ForConditionalGeneration":

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 from .bridge import PROMPTS
-from .data import majority_answer, vqa_accuracy
+from .data import majority_answer
+from .evaluate import vqa_scores
 from .paths import cache_root
 from .train import TrainConfig, config_digest, train
 
@@ -421,12 +422,7 @@ def text_vqa_accuracy(model, tokenizer, family: str, split, context: bool = True
     """
     prompts, answers, types = vqa_prompts(split, family, context, seed)
     predictions = generate_text(model, tokenizer, family, prompts, max_new_tokens=5)
-    scores: dict[str, list[float]] = {}
-    for prediction, ten, qtype in zip(predictions, answers, types):
-        scores.setdefault(qtype, []).append(vqa_accuracy(prediction.strip(), ten))
-    out = {f"vqa_{qtype}": 100 * sum(s) / len(s) for qtype, s in sorted(scores.items())}
-    out["vqa_overall"] = 100 * sum(sum(s) for s in scores.values()) / len(prompts)
-    return out
+    return vqa_scores([p.strip() for p in predictions], answers, types)
 
 
 def plot_llm_history(histories: dict[str, dict]):
