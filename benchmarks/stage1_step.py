@@ -7,10 +7,16 @@ blip2_lite's step                          the naive step
 - ITG: text attends to the image pass's    - ITG: a joint causal pass recomputes the queries
   cached query keys/values                   (and their cross-attention)
 
-Both compute the same losses (checked below in fp32). Run: .venv/bin/python benchmarks/stage1_step.py
+Both compute the same losses (checked below in fp32). All steps run as in training, after
+``train.keep_freed_memory()`` (glibc keeps freed memory instead of zeroing fresh pages every step).
+Last, the same run starts a child process that times blip2_lite's step with glibc's default
+allocator, the baseline for that setting.
+Run: .venv/bin/python benchmarks/stage1_step.py
 """
 
 import argparse
+import subprocess
+import sys
 import time
 
 import torch
@@ -19,6 +25,7 @@ from blip2_lite import losses
 from blip2_lite.checkpoints import qformer_from_bert
 from blip2_lite.data import make_scene
 from blip2_lite.stage1 import Blip2Stage1
+from blip2_lite.train import keep_freed_memory
 from blip2_lite.vision import FrozenImageEncoder
 
 
@@ -54,8 +61,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--queries", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="time only blip2_lite's step, with glibc's default allocator; print steps/s")
     args = parser.parse_args()
+    kept = not args.default_allocator and keep_freed_memory()
 
     torch.manual_seed(0)
     encoder = FrozenImageEncoder()
@@ -90,6 +100,9 @@ def main():
         return steps_per_second(step, warmup=1, steps=args.steps)
 
     fast_rate = timed(fast_losses, features)
+    if args.default_allocator:
+        print(fast_rate)
+        return
     naive_rate = timed(naive_losses, encoder, pixels)
     cached_naive_rate = timed(lambda m, f, *rest: naive_losses(m, torch.nn.Identity(), f, *rest), features)
     print(f"batch {args.batch_size}, {args.queries} queries, bf16 autocast, {torch.get_num_threads()} threads")
@@ -98,7 +111,15 @@ def main():
     print(f"naive passes on cached features:       {cached_naive_rate:.3f} steps/s")
     print(f"speed-up over naive: {fast_rate / naive_rate:.2f}x "
           f"(of which shared K/V + ITG reuse: {fast_rate / cached_naive_rate:.2f}x)")
-
+    if kept:
+        child = subprocess.run([sys.executable, __file__, "--default-allocator", "--batch-size", str(args.batch_size),
+                                "--queries", str(args.queries), "--steps", str(args.steps)],
+                               capture_output=True, text=True, check=True)
+        default_rate = float(child.stdout.strip().splitlines()[-1])
+        print(f"blip2_lite step, default allocator:   {default_rate:.3f} steps/s "
+              f"(keeping freed memory: {fast_rate / default_rate:.2f}x)")
+    else:
+        print("no glibc here: all steps ran with the default allocator")
 
 if __name__ == "__main__":
     main()

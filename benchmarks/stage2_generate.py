@@ -5,7 +5,7 @@ greedy and beam 5, a fixed 20 new tokens) at batch 1 and 8. On a CPU a small ran
 language model); with a GPU also the full-size blip2-opt-2.7b architecture in fp16 (random weights).
 Ratios are transformers' time / blip2_lite's time: above 1 means blip2_lite is faster.
 
-Run: .venv/bin/python benchmarks/stage2_generate.py [--repeats 5]
+Run: .venv/bin/python benchmarks/stage2_generate.py [--repeats 15]
 """
 
 import argparse
@@ -32,19 +32,22 @@ def small_config() -> Blip2Config:
                        num_query_tokens=32, image_token_index=999)
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
+def timed_pair(first, second, repeats: int, device: str) -> tuple[float, float]:
+    """Median seconds of ``first()`` and of ``second()`` after one warm-up call each. The two are
+    timed alternately, so that a slow spell of the machine (another process, clock changes) falls
+    on both rather than on whichever happened to run then."""
+    first(), second()
+    times = ([], [])
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip((first, second), times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def compare(config: Blip2Config, device: str, dtype: torch.dtype, repeats: int, label: str) -> list[float]:
@@ -67,14 +70,13 @@ def compare(config: Blip2Config, device: str, dtype: torch.dtype, repeats: int, 
         with torch.no_grad():
             hf_forward = lambda: reference(pixel_values=pixels.to(dtype), input_ids=hf_ids)  # noqa: E731
             our_forward = lambda: ours(prompt, pixel_values=pixels)  # noqa: E731
-            rows = [(f"forward, batch {batch}", timed(hf_forward, repeats, device), timed(our_forward, repeats, device))]
+            rows = [(f"forward, batch {batch}", *timed_pair(hf_forward, our_forward, repeats, device))]
             for beams in (1, 5):
                 settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=beams, do_sample=False)
                 hf_gen = lambda: reference.generate(pixel_values=pixels.to(dtype), input_ids=hf_ids, **settings)  # noqa: E731
                 our_gen = lambda: ours.generate_ids(ours.soft_prompt(pixel_values=pixels), prompt, **settings)  # noqa: E731
                 name = "greedy" if beams == 1 else f"beam {beams}"
-                rows.append((f"generate {name}, batch {batch}", timed(hf_gen, repeats, device),
-                             timed(our_gen, repeats, device)))
+                rows.append((f"generate {name}, batch {batch}", *timed_pair(hf_gen, our_gen, repeats, device)))
         for name, hf_s, our_s in rows:
             ratios.append(hf_s / our_s)
             print(f"{name:<28}{hf_s:>14.4f}{our_s:>12.4f}{hf_s / our_s:>8.2f}")
@@ -85,7 +87,7 @@ def compare(config: Blip2Config, device: str, dtype: torch.dtype, repeats: int, 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     ratios = compare(small_config(), "cpu", torch.float32, args.repeats, "small BLIP-2 (OPT)")

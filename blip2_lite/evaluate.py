@@ -135,6 +135,17 @@ def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[
     return {"unigram_f1": 100 * sum(f1) / len(f1), "exact": 100 * sum(exact) / len(exact)}
 
 
+def caption_image_gap(predictions: list[str], references: list[list[str]]) -> float:
+    """How much the captions depend on their images: unigram F1 against each image's own references
+    minus unigram F1 against the next image's references (in points). A captioner that ignores the
+    image (the same caption for every image, or one drawn independently of it) scores about 0,
+    however fluent; a high unigram F1 alone can come from the language prior."""
+    if len(references) < 2:
+        raise ValueError("need at least two images to compare a caption with another image's references")
+    other = references[1:] + references[:1]
+    return caption_scores(predictions, references)["unigram_f1"] - caption_scores(predictions, other)["unigram_f1"]
+
+
 def vqa_scores(predictions: list[str], answers: list[list[str]], question_types: list[str]) -> dict[str, float]:
     """VQA accuracy (%) overall (``vqa_overall``) and per question type (``vqa_<type>``), the keys of
     ``data.chance_levels``."""

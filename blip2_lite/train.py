@@ -87,6 +87,28 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS at once.
+
+    A training step allocates and frees tensors of tens of MB (ITG logits over BERT's 30k words,
+    ITM's 3B pairs); by default glibc maps each afresh and the kernel zeroes its pages every time:
+    measured here, 250k page faults and a quarter of the wall time in the kernel per stage-1 step.
+    With these thresholds a stage-1 step runs ~1.2x faster; the price is that the process keeps its
+    peak memory. Returns False where there is no glibc (macOS, Windows, musl), which changes nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    return all(mallopt(option, ctypes.c_int(value)) == 1
+               for option, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 30), (m_top_pad, 1 << 28)))
+
+
 def save_atomic(state: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -115,6 +137,7 @@ def train(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()
     torch.manual_seed(config.seed)
     sampler_rng = torch.Generator().manual_seed(config.seed + 1)
     loss_rng = torch.Generator().manual_seed(config.seed + 2)
@@ -496,7 +519,7 @@ def generate_in_batches(model, features: torch.Tensor, prompts: list[str] | None
 def stage2_test_metrics(model, world: LiteWorld, progress: bool = True) -> dict:
     """Captions (greedy) scored against the test references, and zero-shot VQA with the paper's prompt."""
     from .bridge import PROMPTS
-    from .evaluate import caption_scores, vqa_scores
+    from .evaluate import caption_image_gap, caption_scores, vqa_scores
 
     split, features = world.dataset["test"], world.splits["test"].features
     family = "t5" if model.encoder_decoder else "opt"
@@ -508,6 +531,7 @@ def stage2_test_metrics(model, world: LiteWorld, progress: bool = True) -> dict:
     flat = lambda column: [x for per in split[column] for x in per]  # noqa: E731
     return {
         **caption_scores(captions, split["captions"]),
+        "caption_image_gap": caption_image_gap(captions, split["captions"]),
         **vqa_scores(answers, flat("answers"), flat("question_types")),
         "examples": [{"caption": c, "references": r} for c, r in zip(captions[:8], split["captions"][:8])],
     }

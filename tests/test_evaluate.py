@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from blip2_lite.evaluate import recalls, semantic_recall_at_1
+from blip2_lite.evaluate import caption_image_gap, caption_scores, recalls, semantic_recall_at_1
 
 
 def test_recalls_follow_the_retrieval_protocol():
@@ -19,3 +19,15 @@ def test_recalls_follow_the_retrieval_protocol():
     relevant[0, 2] = True  # caption 2 also describes image 0: semantically right
     semantic = semantic_recall_at_1(scores, relevant)
     assert semantic["t2i_semantic_r1"] == pytest.approx(100) and semantic["i2t_semantic_r1"] == pytest.approx(100 * 2 / 3)
+
+
+def test_caption_image_gap_is_zero_for_a_blind_captioner_and_positive_for_one_that_looks():
+    references = [["a red circle", "one red circle"], ["a blue square", "one blue square"],
+                  ["a green star", "one green star"]]
+    looking = ["a red circle", "a blue square", "a green star"]
+    assert caption_scores(looking, references)["unigram_f1"] == pytest.approx(100)
+    # against the next image's references only "a" overlaps: F1 = 1/3 each
+    assert caption_image_gap(looking, references) == pytest.approx(100 - 100 / 3)
+    assert caption_image_gap(["a blue square"] * 3, references) == pytest.approx(0)  # fluent, blind
+    with pytest.raises(ValueError, match="two images"):
+        caption_image_gap(["a red circle"], references[:1])

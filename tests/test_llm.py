@@ -100,12 +100,17 @@ def test_t5_pairs_have_the_agreed_format(world):
     split = world["train"]
     pairs = llm.t5_pairs(split, seed=0)
     captions = [c for per_image in split["captions"] for c in per_image]
-    assert len(pairs) == len(captions) + 6 * len(split)
+    assert len(pairs) == 2 * len(captions) + 6 * len(split)
     for (source, target), caption in zip(pairs, captions):
         assert target.endswith("</s>") and target[:-4]
         assert f"{source} {target[:-4]}".strip() == caption  # a split at a word boundary
     assert any(source == "" for source, _ in pairs[: len(captions)])  # k = 0 occurs
-    qa = iter(pairs[len(captions) :])
+    per_image = len(split["captions"][0])
+    for n, (source, target) in enumerate(pairs[len(captions) : 2 * len(captions)]):
+        image_captions = split["captions"][n // per_image]
+        assert target == f"{image_captions[n % per_image]}</s>"  # every caption once, in order
+        assert source in image_captions and source != image_captions[n % per_image]  # another one of its image
+    qa = iter(pairs[2 * len(captions) :])
     for per_image, questions, answers in zip(split["captions"], split["questions"], split["answers"]):
         for question, ten in zip(questions, answers):
             source, target = next(qa)

@@ -83,7 +83,8 @@ def test_run_stage2_trains_reports_and_reuses_its_run(world, tmp_path):
                                          progress=False)
     assert history.steps == [1, 2, 3, 4] and history.eval_steps == [2, 4]
     assert {"unigram_f1", "exact", "vqa_overall", "vqa_color", "vqa_count"} <= metrics.keys()
-    assert all(0 <= v <= 100 for k, v in metrics.items() if k != "examples")
+    assert all(0 <= v <= 100 for k, v in metrics.items() if k not in ("examples", "caption_image_gap"))
+    assert -100 <= metrics["caption_image_gap"] <= 100
     assert len(metrics["examples"]) == SIZES["test"] and (tmp_path / "run" / CHECKPOINT).exists()
     assert json.loads((tmp_path / "run" / "test_metrics.json").read_text()) == metrics
     again, _, metrics_again = run_stage2("opt", "smoke", root=tmp_path, run_dir=tmp_path / "run", world=world,
