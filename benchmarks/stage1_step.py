@@ -121,5 +121,6 @@ def main():
     else:
         print("no glibc here: all steps ran with the default allocator")
 
+
 if __name__ == "__main__":
     main()

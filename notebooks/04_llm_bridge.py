@@ -297,7 +297,7 @@ world = load_lite_world()
 stage1_model, _, _ = run_stage1("course", world=world)  # chapter 3's run, from the cache
 
 # %% [markdown]
-# Pretraining both LLMs takes about a minute and a half on the first run (no progress bars here:
+# Pretraining both LLMs takes about two minutes on the first run (no progress bars here:
 # the loss curves follow); later runs load them from the cache.
 
 # %%
@@ -517,5 +517,6 @@ else:
 # * OPT learns from next-token prediction on the caption; FlanT5 from prefix language modelling.
 # * Only the Q-Former and the projection learn; the LLM is frozen and may run in fp16/bf16.
 # * The same classes load the full-size Salesforce checkpoints, checked against transformers.
-# * In the lite world the whole pipeline runs offline in minutes; at the course budget the LLMs
-#   do not yet follow the image (see section 6): more stage-1 and stage-2 steps are needed.
+# * In the lite world the whole pipeline runs offline in minutes. At the course budget T5 starts
+#   to follow the image and OPT does not yet (section 6): a frozen LLM can only follow a soft
+#   prompt through a route it already has for reading context (section 4).
