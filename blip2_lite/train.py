@@ -460,6 +460,9 @@ def stage2_losses(model, batch: dict, rng: torch.Generator) -> dict[str, torch.T
     return {"loss": out.loss}
 
 
+STAGE2_RUN_VERSION = 2  # bump when a stage-2 run's result changes for the same preset: cached runs are keyed by it
+
+
 @dataclass(frozen=True)
 class Stage2Preset:
     train: TrainConfig
@@ -481,15 +484,18 @@ STAGE2_PRESETS = {
 
 
 def build_stage2_model(world: LiteWorld, family: str, stage1_model=None, num_query_tokens: int = 8,
-                       root: str | None = None, progress: bool = True):
+                       root: str | None = None, progress: bool = True, seed: int = 0):
     """``bridge.Blip2`` over the lite world's frozen LLM of ``family``, starting from ``stage1_model``'s
-    Q-Former, or from a Q-Former that skipped stage 1 (MiniLM-initialised) when it is None."""
+    Q-Former, or from a Q-Former that skipped stage 1 (MiniLM-initialised) when it is None. The new
+    projection is drawn from ``seed``: without it, it would depend on whatever consumed the global
+    RNG before (in the notebook, the other family's stage 2)."""
     from .bridge import Blip2
     from .llm import load_lite_llm
 
     language_model, tokenizer = load_lite_llm(family, world.dataset, root=root, progress=progress)
     if stage1_model is None:
-        stage1_model = build_stage1_model(world, num_query_tokens)
+        stage1_model = build_stage1_model(world, num_query_tokens, seed=seed)
+    torch.manual_seed(seed)
     return Blip2.from_stage1(stage1_model, language_model, tokenizer)
 
 
@@ -557,8 +563,9 @@ def run_stage2(family: str = "opt", preset: str = "course", root: str | None = N
         stage1_model, _, _ = run_stage1(chosen.stage1, root, world=world, progress=progress)
     stage1_identity = "none" if chosen.stage1 is None else f"{chosen.stage1}-{config_digest(STAGE1_PRESETS[chosen.stage1])}"
     llm_identity = llm_cache_dir(family, world.dataset, root).name
-    run_dir = Path(run_dir or root / "runs" / f"stage2-{family}-{preset}-{config_digest((chosen, stage1_identity, llm_identity))}")
-    model = build_stage2_model(world, family, stage1_model, root=root, progress=progress)
+    identity = (STAGE2_RUN_VERSION, chosen, stage1_identity, llm_identity)
+    run_dir = Path(run_dir or root / "runs" / f"stage2-{family}-{preset}-{config_digest(identity)}")
+    model = build_stage2_model(world, family, stage1_model, root=root, progress=progress, seed=chosen.train.seed)
 
     train_split, val = world.dataset["train"], world.dataset["val"]
     sampler = stage2_sampler(world.splits["train"].features, train_split["captions"], model.tokenizer,

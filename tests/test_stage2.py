@@ -13,6 +13,7 @@ from blip2_lite.train import (
     CHECKPOINT,
     STAGE2_PRESETS,
     TrainConfig,
+    build_stage1_model,
     build_stage2_model,
     load_lite_world,
     run_stage2,
@@ -55,6 +56,16 @@ def test_sampler_labels_the_caption_and_nothing_else(world, tmp_path, family):
         else:  # prefix + suffix make up one caption
             prefix = model.tokenizer.decode(ids[ids != model.tokenizer.pad_token_id])
             assert " ".join(part for part in (prefix, target_text) if part) in all_captions
+
+
+def test_stage2_model_does_not_depend_on_the_global_rng(world, tmp_path):
+    stage1 = build_stage1_model(world, num_query_tokens=4)  # given, as run_stage2 does: no reseeding there
+    first = build_stage2_model(world, "t5", stage1, root=tmp_path, progress=False)
+    torch.rand(1000)  # as if another family's stage 2 had run before in this process
+    second = build_stage2_model(world, "t5", stage1, root=tmp_path, progress=False)
+    assert torch.equal(first.language_projection.weight, second.language_projection.weight)
+    other_seed = build_stage2_model(world, "t5", stage1, root=tmp_path, progress=False, seed=1)
+    assert not torch.equal(first.language_projection.weight, other_seed.language_projection.weight)
 
 
 @pytest.mark.parametrize("family", llm.LLM_FAMILIES)
