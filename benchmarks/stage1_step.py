@@ -22,18 +22,18 @@ import time
 import torch
 
 from blip2_lite import losses
-from blip2_lite.checkpoints import qformer_from_bert
-from blip2_lite.data import make_scene
+from blip2_lite.allocator import keep_freed_memory
+from blip2_lite.convert.bert import qformer_from_bert
+from blip2_lite.encoders.timm_encoder import FrozenImageEncoder
+from blip2_lite.lite.shapes_world import make_scene
 from blip2_lite.stage1 import Blip2Stage1
-from blip2_lite.train import keep_freed_memory
-from blip2_lite.vision import FrozenImageEncoder
 
 
 def naive_losses(model, encoder, pixels, input_ids, attention_mask, generator):
     image_embeds = model.ln_vision(encoder(pixels))
-    image_feats, _ = model.image_features(image_embeds)
-    text_feats = model.text_features(input_ids, attention_mask)
-    itc = losses.itc_loss(image_feats, text_feats, model.temp)
+    image_itc, _ = model.itc_image(image_embeds)
+    text_itc = model.itc_text(input_ids, attention_mask)
+    itc = losses.itc_loss(image_itc, text_itc, model.temp)
     neg_image, neg_text = losses.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, itc.positives, generator)
     text_index, image_index, labels = losses.itm_pairs(len(pixels), neg_image, neg_text)
     out = model.qformer(input_ids[text_index], attention_mask[text_index], image_embeds[image_index], mask="itm")

@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
-from blip2_lite.checkpoints import blip2_from_hf_state, salesforce_config
+from blip2_lite.convert.pretrained import blip2_from_hf_state, salesforce_config
 
 NEW_TOKENS = 20
 

@@ -3,8 +3,10 @@
 from .masks import attention_mask, draw_mask, itc_mask, itg_mask, itm_mask
 from .qformer import QFormer, QFormerConfig, QFormerOutput
 from .stage1 import Blip2Stage1, Stage1Output
+from .stage2 import Blip2
 
 __all__ = [
+    "Blip2",
     "Blip2Stage1",
     "QFormer",
     "QFormerConfig",

@@ -1,6 +1,6 @@
 """Command line: ``python -m blip2_lite stage1 --preset course`` / ``stage2 --family opt --preset course``.
 
-Runs the same functions as the notebooks (``blip2_lite.train.run_stage1`` / ``run_stage2``):
+Runs the same functions as the notebooks (``blip2_lite.lite.run_stage1`` / ``run_stage2``):
 generates the shapes world, its frozen features and the lite LLMs if they are not cached, trains
 (resuming an interrupted run in the same run directory), and prints the test metrics.
 """
@@ -9,7 +9,8 @@ import argparse
 import json
 import os
 
-from .train import STAGE1_PRESETS, STAGE2_PRESETS, run_stage1, run_stage2
+from .families import FAMILIES
+from .lite import STAGE1_PRESETS, STAGE2_PRESETS, run_stage1, run_stage2
 
 
 def main(argv=None):
@@ -18,19 +19,20 @@ def main(argv=None):
     stage1 = commands.add_parser("stage1", help="BLIP-2 stage 1 (ITC + ITM + ITG) in the lite world")
     stage1.add_argument("--preset", choices=sorted(STAGE1_PRESETS), default="course")
     stage2 = commands.add_parser("stage2", help="BLIP-2 stage 2 (soft visual prompts for a frozen LLM)")
-    stage2.add_argument("--family", choices=["opt", "t5"], default="opt")
+    stage2.add_argument("--family", choices=sorted(FAMILIES), default="opt")
     stage2.add_argument("--preset", choices=sorted(STAGE2_PRESETS), default="course")
     for command in (stage1, stage2):
         command.add_argument("--root", default=None,
-                             help="dataset, feature, LLM and run caches (default: blip2_lite.paths.cache_root())")
+                             help="dataset, feature, LLM and run caches (default: blip2_lite.lite.paths.cache_root())")
         command.add_argument("--run-dir", default=None, help="checkpoints and metrics (default ROOT/runs/STAGE-...-HASH)")
+        command.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:1, ...")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lite world never needs a hub
     if args.command == "stage1":
-        _, _, metrics = run_stage1(args.preset, root=args.root, run_dir=args.run_dir)
+        _, _, metrics = run_stage1(args.preset, root=args.root, run_dir=args.run_dir, device=args.device)
     else:
-        _, _, metrics = run_stage2(args.family, args.preset, root=args.root, run_dir=args.run_dir)
+        _, _, metrics = run_stage2(args.family, args.preset, root=args.root, run_dir=args.run_dir, device=args.device)
     print(json.dumps(metrics, indent=1))
 
 

@@ -69,13 +69,13 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
-def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+def itc_similarity(image_itc: torch.Tensor, text_itc: torch.Tensor) -> torch.Tensor:
     """Max over queries of the query-text cosine similarity.
 
-    ``image_feats``: ``[Bi, Q, E]`` and ``text_feats``: ``[Bt, E]``, both L2-normalised.
+    ``image_itc``: ``[Bi, Q, E]`` and ``text_itc``: ``[Bt, E]``, both L2-normalised.
     Returns ``[Bi, Bt]``: for each image-text pair, the best-matching query's cosine.
     """
-    return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)
+    return torch.einsum("iqe,te->itq", image_itc, text_itc).amax(dim=-1)
 
 
 @dataclass
@@ -87,8 +87,8 @@ class ITCOutput:
 
 
 def itc_loss(
-    image_feats: torch.Tensor,
-    text_feats: torch.Tensor,
+    image_itc: torch.Tensor,
+    text_itc: torch.Tensor,
     temperature: torch.Tensor,
     image_ids: torch.Tensor | None = None,
     label_smoothing: float = LABEL_SMOOTHING,
@@ -99,25 +99,25 @@ def itc_loss(
     row ``i`` is global column ``rank * B + i``; with them, every caption of the same image is a
     positive (the target mass is shared among them).
     """
-    if image_feats.dim() != 3 or text_feats.dim() != 2 or image_feats.shape[0] != text_feats.shape[0]:
+    if image_itc.dim() != 3 or text_itc.dim() != 2 or image_itc.shape[0] != text_itc.shape[0]:
         raise ValueError(
-            f"itc_loss expects image_feats [B, Q, E] and text_feats [B, E] with the same B, got "
-            f"{tuple(image_feats.shape)} and {tuple(text_feats.shape)}"
+            f"itc_loss expects image_itc [B, Q, E] and text_itc [B, E] with the same B, got "
+            f"{tuple(image_itc.shape)} and {tuple(text_itc.shape)}"
         )
     rank, _ = distributed_world()
-    batch = image_feats.shape[0]
+    batch = image_itc.shape[0]
     temp = temperature.clamp(*TEMPERATURE_RANGE)
 
-    image_feats_all = gather_with_grad(image_feats)
-    text_feats_all = gather_with_grad(text_feats)
-    sim_i2t = itc_similarity(image_feats, text_feats_all) / temp
-    sim_t2i = itc_similarity(image_feats_all, text_feats).t() / temp
+    image_itc_all = gather_with_grad(image_itc)
+    text_itc_all = gather_with_grad(text_itc)
+    sim_i2t = itc_similarity(image_itc, text_itc_all) / temp
+    sim_t2i = itc_similarity(image_itc_all, text_itc).t() / temp
 
     if image_ids is None:
-        global_ids = torch.arange(len(text_feats_all), device=text_feats.device)
+        global_ids = torch.arange(len(text_itc_all), device=text_itc.device)
         local_ids = global_ids[rank * batch : (rank + 1) * batch]
     else:
-        local_ids = image_ids.to(text_feats.device)
+        local_ids = image_ids.to(text_itc.device)
         global_ids = gather_no_grad(local_ids)
     positives = local_ids[:, None] == global_ids[None, :]
     targets = positives.float() / positives.sum(dim=1, keepdim=True)

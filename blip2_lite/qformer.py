@@ -63,6 +63,14 @@ class QFormerConfig:
     def has_cross_attention(self, layer_idx: int) -> bool:
         return layer_idx % self.cross_attention_freq == 0
 
+    @classmethod
+    def small(cls, **overrides) -> "QFormerConfig":
+        """A Q-Former small enough to print and step through: the course's running example (4 layers
+        of width 64, 8 queries over 48-wide image features, a 100-word vocabulary). Any size can be overridden."""
+        sizes = dict(hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128, encoder_width=48,
+                     num_query_tokens=8, vocab_size=100, max_position_embeddings=32)
+        return cls(**(sizes | overrides))
+
 
 @dataclass
 class QFormerOutput:

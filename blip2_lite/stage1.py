@@ -7,6 +7,11 @@ heads to the losses of ``blip2_lite.losses``. Per step it runs the Q-Former thre
 2. text pass: text alone (ITC text side).
 3. ITM pass: 3B (text, image) pairs, bidirectional mask; image keys/values computed once per image.
 4. ITG pass: text only, attending to the cached query keys/values under the causal mask.
+
+Names of the image tensors, as in transformers' BLIP-2: ``image_features`` are the frozen
+encoder's output ``[B, N, D]``; ``image_embeds`` the same after the vision LayerNorm (what the
+Q-Former cross-attends to); ``image_itc`` the queries' normalised ITC projections ``[B, Q, E]``
+(``text_itc`` ``[B, E]`` on the text side).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
+from .encoders.frozen import vision_embeds
 from .qformer import QFormer, QFormerConfig
 
 
@@ -103,26 +109,14 @@ class Blip2Stage1(nn.Module):
 
     def image_embeds(self, images: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
         """Frozen features (computed without gradient, or given) through the vision LayerNorm."""
-        if (images is None) == (image_features is None):
-            raise ValueError("pass exactly one of images or image_features")
-        if images is not None:
-            if self.image_encoder is None:
-                raise ValueError("this model has no image_encoder: pass precomputed image_features instead")
-            with torch.no_grad():
-                image_features = self.image_encoder(images)
-        if image_features.dim() != 3 or image_features.shape[-1] != self.config.encoder_width:
-            raise ValueError(
-                f"image features must be [batch, tokens, {self.config.encoder_width}], "
-                f"got shape {tuple(image_features.shape)}"
-            )
-        return self.ln_vision(image_features)
+        return vision_embeds(self.image_encoder, self.ln_vision, images, image_features, pixels_name="images")
 
-    def image_features(self, image_embeds: torch.Tensor, output_attentions: bool = False):
+    def itc_image(self, image_embeds: torch.Tensor, output_attentions: bool = False):
         """ITC image side: normalised projections of every query output ``[B, Q, E]``, and the pass."""
         out = self.qformer(image_embeds=image_embeds, output_attentions=output_attentions)
         return F.normalize(self.vision_proj(out.query_output), dim=-1), out
 
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def itc_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """ITC text side: normalised projection of the text [CLS] output ``[B, E]``."""
         out = self.qformer(input_ids, attention_mask, use_queries=False)
         return F.normalize(self.text_proj(out.text_output[:, 0]), dim=-1)
@@ -160,9 +154,9 @@ class Blip2Stage1(nn.Module):
                 f"attention_mask {tuple(attention_mask.shape)}"
             )
 
-        image_feats, image_pass = self.image_features(image_embeds)
-        text_feats = self.text_features(input_ids, attention_mask)
-        itc = losses.itc_loss(image_feats, text_feats, self.temp, image_ids)
+        image_itc, image_pass = self.itc_image(image_embeds)
+        text_itc = self.itc_text(input_ids, attention_mask)
+        itc = losses.itc_loss(image_itc, text_itc, self.temp, image_ids)
 
         # ITM: hard negatives from the local block of the ITC similarities.
         rank, _ = losses.distributed_world()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertModel
 
-from blip2_lite.checkpoints import DEC_TOKEN, qformer_from_bert, resolve_bert
+from blip2_lite.convert.bert import DEC_TOKEN, qformer_from_bert, resolve_bert
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from blip2_lite.evaluate import caption_image_gap, caption_scores, recalls, semantic_recall_at_1
+from blip2_lite.evaluate.captioning import caption_image_gap, caption_scores
+from blip2_lite.evaluate.retrieval import recalls, semantic_recall_at_1
 
 
 def test_recalls_follow_the_retrieval_protocol():

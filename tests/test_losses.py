@@ -18,8 +18,8 @@ PER_RANK = 3
 
 
 def itc_on(model, features, ids, mask, image_ids=None):
-    image_feats, _ = model.image_features(model.image_embeds(image_features=features))
-    return losses.itc_loss(image_feats, model.text_features(ids, mask), model.temp, image_ids).loss
+    image_itc, _ = model.itc_image(model.image_embeds(image_features=features))
+    return losses.itc_loss(image_itc, model.itc_text(ids, mask), model.temp, image_ids).loss
 
 
 def _free_port() -> int:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from blip2_lite.checkpoints import CheckpointError, load_hf_qformer, load_hf_retrieval, load_strict
+from blip2_lite.convert.engine import CheckpointError, load_strict
+from blip2_lite.convert.hf import load_hf_qformer, load_hf_retrieval
 from blip2_lite.losses import itc_similarity
 
 from hf_tiny import ENCODER_WIDTH, padded_text, tiny_qformer, tiny_retrieval
@@ -65,8 +66,8 @@ def test_itc_scores_match_raw_max_cosine(retrieval_pair):
     ids, mask = padded_text(4, 8)  # 3 images x 4 texts, with padding
     with torch.no_grad():
         expected = reference(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits_per_image
-        image_feats, _ = ours.image_features(ours.image_embeds(image_features=features))
-        got = itc_similarity(image_feats, ours.text_features(ids, mask))
+        image_itc, _ = ours.itc_image(ours.image_embeds(image_features=features))
+        got = itc_similarity(image_itc, ours.itc_text(ids, mask))
     assert got.shape == (3, 4)
     torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
 

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from blip2_lite.__main__ import main
-from blip2_lite.train import CHECKPOINT, load_lite_world, run_stage1
+from blip2_lite.lite.stage1_recipe import run_stage1
+from blip2_lite.lite.world import load_lite_world
+from blip2_lite.train import CHECKPOINT
 
 SIZES = {"train": 24, "val": 8, "test": 8}
 

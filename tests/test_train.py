@@ -1,16 +1,19 @@
 """The training loop: resuming after an interruption is exact; a non-finite loss stops cleanly."""
 
+import inspect
+import re
+from dataclasses import replace
+
 import pytest
 import torch
 
+from blip2_lite.lite.stage1_recipe import stage1_losses, stage1_sampler
+from blip2_lite.lite.world import CaptionedImages
 from blip2_lite.train import (
     CHECKPOINT,
-    CaptionedImages,
     NonFiniteLossError,
     TrainConfig,
     lr_lambda,
-    stage1_losses,
-    stage1_sampler,
     train,
 )
 
@@ -96,3 +99,53 @@ def test_bad_configs_and_data_are_refused():
         CaptionedImages(torch.zeros(3, 7, WIDTH), torch.zeros(4, 2, 5, dtype=torch.long), torch.ones(4, 2, 5))
     with pytest.raises(ValueError, match="larger than"):
         stage1_sampler(tiny_split(n=3), batch_size=4)
+
+
+def recording_losses(seen):
+    """stage1_losses that records where the batch, the model and the loss generator live, and the autocast state."""
+    def compute(model, batch, rng):
+        seen.append({"batch": {v.device.type for v in batch.values()}, "model": next(model.parameters()).device.type,
+                     "rng": rng.device.type, "autocast": torch.is_autocast_enabled(batch["input_ids"].device.type)})
+        return stage1_losses(model, batch, rng)
+
+    return compute
+
+
+def test_the_loop_trains_on_the_device_it_is_given(tmp_path):
+    seen = []
+    model, data = tiny_model(), tiny_split()
+    train(model, stage1_sampler(data, 4), recording_losses(seen), CONFIG, tmp_path / "cpu", progress=False,
+          stop_after=2, device="cpu")
+    assert seen == [{"batch": {"cpu"}, "model": "cpu", "rng": "cpu", "autocast": True}] * 2
+    seen.clear()
+    train(tiny_model(), stage1_sampler(data, 4), recording_losses(seen), replace(CONFIG, bf16=False),
+          tmp_path / "fp32", progress=False, stop_after=1)
+    assert seen[0]["autocast"] is False
+
+
+def test_no_device_type_is_written_into_autocast():
+    """Autocast takes its device type from the device it is given (blip2_lite.devices), never a literal."""
+    import blip2_lite.devices
+    import blip2_lite.evaluate.retrieval
+    import blip2_lite.lite.llm
+    import blip2_lite.train
+
+    literal = re.compile(r"autocast\([^)]*[\"'](cpu|cuda)[\"']")
+    for module in (blip2_lite.train, blip2_lite.devices, blip2_lite.evaluate.retrieval, blip2_lite.lite.llm):
+        assert not literal.search(inspect.getsource(module)), module.__name__
+    assert "with autocast(run.device" in inspect.getsource(blip2_lite.train)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_uses_bf16_autocast_and_resumes_exactly(tmp_path):
+    seen = []
+    data = tiny_split()
+    straight = tiny_model()
+    train(straight, stage1_sampler(data, 4), recording_losses(seen), CONFIG, tmp_path / "a", progress=False, device="cuda")
+    assert seen[0] == {"batch": {"cuda"}, "model": "cuda", "rng": "cuda", "autocast": True}
+    train(tiny_model(), stage1_sampler(data, 4), stage1_losses, CONFIG, tmp_path / "b", progress=False,
+          stop_after=7, device="cuda")
+    resumed = tiny_model()
+    train(resumed, stage1_sampler(data, 4), stage1_losses, CONFIG, tmp_path / "b", progress=False, device="cuda")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

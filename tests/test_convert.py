@@ -6,21 +6,34 @@ import json
 
 import pytest
 import torch
-from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, BertConfig
+from transformers import (
+    BertConfig,
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+)
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
-from blip2_lite.bridge import Blip2
-from blip2_lite.checkpoints import (
-    CheckpointError,
+from blip2_lite.convert.engine import CheckpointError
+from blip2_lite.convert.hf import qformer_config_from_hf
+from blip2_lite.convert.lavis import load_lavis_stage1
+from blip2_lite.convert.pretrained import (
     SALESFORCE_TEXT_CONFIGS,
     blip2_from_config,
     from_pretrained,
-    load_lavis_stage1,
     salesforce_config,
 )
+from blip2_lite.parameters import count_parameters
 from blip2_lite.stage1 import Blip2Stage1
+from blip2_lite.stage2 import Blip2
 
-from hf_tiny import IMAGE_TOKEN, PAD, VOCAB, padded_text, tiny_conditional, tiny_retrieval
+from hf_tiny import (
+    IMAGE_TOKEN,
+    PAD,
+    VOCAB,
+    padded_text,
+    tiny_conditional,
+    tiny_retrieval,
+)
 
 TOL = 1e-5
 
@@ -157,8 +170,7 @@ def test_lavis_untied_head_is_refused(tmp_path):
 # -- full size, on the meta device ---------------------------------------------------------------------------
 
 
-def count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
+count = count_parameters
 
 
 VIT_G_BLOCKS, VIT_G_WIDTH = 39, 1408
@@ -191,8 +203,6 @@ def test_retrieval_model_is_the_paper_188m_qformer_plus_vit_g():
     config = salesforce_config("Salesforce/blip2-itm-vit-g")
     with torch.device("meta"):
         reference = Blip2ForImageTextRetrieval(config)
-        from blip2_lite.checkpoints import qformer_config_from_hf
-
         qformer_config = qformer_config_from_hf(config.qformer_config.to_dict(), config.num_query_tokens)
         ours = Blip2Stage1(qformer_config, dec_token_id=qformer_config.vocab_size - 1)
     # blip2_lite adds the ITG head's transform and bias (the word embeddings are tied) and the temperature;

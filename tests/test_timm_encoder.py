@@ -8,8 +8,11 @@ import torch
 from PIL import Image
 from skimage import data
 
-from blip2_lite import vision
-from blip2_lite.vision import FrozenImageEncoder, WeightLoadError, cached_features, extract_features
+from blip2_lite.convert.efficientnet import lite0_weights_path, load_lite0_imagenet
+from blip2_lite.convert.engine import CheckpointError
+from blip2_lite.encoders.timm_encoder import FrozenImageEncoder
+from blip2_lite.lite import features
+from blip2_lite.lite.features import cached_features, extract_features
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +35,17 @@ def test_imagenet_weights_recognise_cat_and_espresso(lite0):
 
 
 def test_weight_mapping_is_strict():
-    source = torch.load(vision._lite0_weights_path(), map_location="cpu", weights_only=True)
+    source = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    vision.load_lite0_imagenet(model, source)  # the real file maps completely
+    load_lite0_imagenet(model, source)  # the real file maps completely
 
     missing = {k: v for k, v in source.items() if k != "_blocks.3._bn1.running_var"}
-    with pytest.raises(WeightLoadError, match=r"missing blocks\.2\.0\.bn2\.running_var"):
-        vision.load_lite0_imagenet(model, missing)
-    with pytest.raises(WeightLoadError, match=r"unmapped source key _blocks\.16\._bn1\.weight"):
-        vision.load_lite0_imagenet(model, {**source, "_blocks.16._bn1.weight": torch.ones(3)})
-    with pytest.raises(WeightLoadError, match=r"shape classifier\.bias"):
-        vision.load_lite0_imagenet(model, {**source, "_fc.bias": torch.zeros(10)})
+    with pytest.raises(CheckpointError, match=r"missing: \[.*blocks\.2\.0\.bn2\.running_var"):
+        load_lite0_imagenet(model, missing)
+    with pytest.raises(CheckpointError, match=r"unrecognised EfficientNet-Lite0 keys: \[.*_blocks\.16\._bn1\.weight"):
+        load_lite0_imagenet(model, {**source, "_blocks.16._bn1.weight": torch.ones(3)})
+    with pytest.raises(CheckpointError, match=r"mis-shaped: \[.*classifier\.bias"):
+        load_lite0_imagenet(model, {**source, "_fc.bias": torch.zeros(10)})
 
 
 def test_feature_shapes(lite0):
@@ -133,7 +136,7 @@ def test_interrupted_write_leaves_nothing_to_load(tiny_split, tmp_path, monkeypa
         open(filename, "wb").write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vision, "save_file", crash)
+    monkeypatch.setattr(features, "save_file", crash)
     encoder = FrozenImageEncoder(image_size=64, pretrained=False)
     with pytest.raises(KeyboardInterrupt):
         cached_features(encoder, tiny_split, "train", "v1", cache_dir=tmp_path)

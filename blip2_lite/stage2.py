@@ -1,4 +1,4 @@
-"""BLIP-2 stage 2: the bridge from the Q-Former to a frozen large language model.
+"""BLIP-2 stage 2: generative learning, the Q-Former's query outputs as soft prompts for a frozen LLM.
 
 The Q-Former runs its learned queries over the image (no text), a Linear projects the query
 outputs to the LLM's width, and these *soft visual prompts* are placed in front of the LLM's own
@@ -21,22 +21,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from .encoders.frozen import vision_embeds
+from .encoders.images import load_image
+from .families import LLMFamily, family_of
 from .qformer import QFormer
 
-# Prompt templates from the paper (section 4.2 and LAVIS's configs).
-PROMPTS = {
-    "caption": "a photo of",
-    "vqa_opt": "Question: {} Answer:",
-    "vqa_t5": "Question: {} Short answer:",
-}
 IGNORE_INDEX = -100  # positions that carry no language-modelling loss
-
-
-def conversation_prompt(turns: list[tuple[str, str]], question: str) -> str:
-    """Multi-turn instructed generation (the paper's Figure 4): earlier ``(question, answer)``
-    turns, then the new question, in the VQA template."""
-    history = " ".join(f"Question: {q} Answer: {a}" for q, a in turns)
-    return f"{history} Question: {question} Answer:".strip()
 
 
 def split_for_prefix_lm(text: str, num_prefix_words: int) -> tuple[str, str]:
@@ -150,8 +140,12 @@ class Blip2(nn.Module):
         return model
 
     @property
+    def family(self) -> LLMFamily:
+        return family_of(self.language_model)
+
+    @property
     def encoder_decoder(self) -> bool:
-        return bool(self.language_model.config.is_encoder_decoder)
+        return self.family.encoder_decoder
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -165,17 +159,7 @@ class Blip2(nn.Module):
 
     def image_embeds(self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
         """Frozen image features (computed without gradient, or given) through the vision LayerNorm, in fp32."""
-        if (pixel_values is None) == (image_features is None):
-            raise ValueError("pass exactly one of pixel_values or image_features")
-        if pixel_values is not None:
-            if self.image_encoder is None:
-                raise ValueError("this model has no image_encoder: pass precomputed image_features instead")
-            with torch.no_grad():
-                image_features = self.image_encoder(pixel_values)
-        width = self.qformer.config.encoder_width
-        if image_features.dim() != 3 or image_features.shape[-1] != width:
-            raise ValueError(f"image features must be [batch, tokens, {width}], got shape {tuple(image_features.shape)}")
-        return self.ln_vision(image_features.to(self.ln_vision.weight.dtype))
+        return vision_embeds(self.image_encoder, self.ln_vision, pixel_values, image_features)
 
     def soft_prompt(self, pixel_values=None, image_features=None, output_attentions: bool = False):
         """``[B, Q, llm_width]``: the projected query outputs, in the LLM's dtype."""
@@ -229,6 +213,16 @@ class Blip2(nn.Module):
     def context_window(self) -> int | None:
         config = self.language_model.config.get_text_config()
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def _check_window(self, prompt_length: int, max_new_tokens: int) -> None:
+        """Soft prompt + prompt (+ new tokens, for a decoder) must fit the LLM's learned positions."""
+        window, queries = self.context_window(), self.qformer.config.num_query_tokens
+        if window is not None and queries + prompt_length + (0 if self.encoder_decoder else max_new_tokens) > window:
+            raise ValueError(
+                f"the soft prompt ({queries} tokens) + the longest prompt ({prompt_length} tokens)"
+                + ("" if self.encoder_decoder else f" + {max_new_tokens} new tokens")
+                + f" exceed the language model's window of {window} tokens: shorten the prompt"
+            )
 
     @torch.no_grad()
     def generate_ids(self, soft: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -292,14 +286,7 @@ class Blip2(nn.Module):
                              f"got {max_new_tokens} and {min_new_tokens}")
 
         input_ids, attention_mask = self.tokenize_prompts(prompts)
-        window = self.context_window()
-        length = self.qformer.config.num_query_tokens + input_ids.shape[1]
-        if window is not None and length + (0 if self.encoder_decoder else max_new_tokens) > window:
-            raise ValueError(
-                f"the soft prompt ({self.qformer.config.num_query_tokens} tokens) + the longest prompt "
-                f"({input_ids.shape[1]} tokens)" + ("" if self.encoder_decoder else f" + {max_new_tokens} new tokens")
-                + f" exceed the language model's window of {window} tokens: shorten the prompt"
-            )
+        self._check_window(input_ids.shape[1], max_new_tokens)
         if seed is not None:
             torch.manual_seed(seed)
         soft = self.soft_prompt(pixel_values, image_features)
@@ -321,17 +308,16 @@ class Blip2(nn.Module):
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids, mask = [], []
+        right = self.family.padding_side == "right"
         for r in rows:
             fill = width - len(r)
-            ids.append(r + [pad] * fill if self.encoder_decoder else [pad] * fill + r)
-            mask.append([1] * len(r) + [0] * fill if self.encoder_decoder else [0] * fill + [1] * len(r))
+            ids.append(r + [pad] * fill if right else [pad] * fill + r)
+            mask.append([1] * len(r) + [0] * fill if right else [0] * fill + [1] * len(r))
         return torch.tensor(ids, dtype=torch.long).view(len(rows), width), torch.tensor(mask).view(len(rows), width)
 
     def pixels(self, images) -> torch.Tensor:
         """PIL images, paths or bytes -> the image encoder's pixel tensor (decoded, converted to RGB)."""
         from PIL import Image
-
-        from .vision import load_image
 
         if self.image_encoder is None:
             raise ValueError("this model has no image_encoder: pass image_features instead of images")

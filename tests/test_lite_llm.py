@@ -6,9 +6,11 @@ import pytest
 import torch
 from datasets import DatasetDict
 
-from blip2_lite import llm
-from blip2_lite.bridge import PROMPTS
-from blip2_lite.data import generate_shapes_world, majority_answer
+from blip2_lite.evaluate.vqa import majority_answer
+from blip2_lite.families import FAMILIES
+from blip2_lite.lite import llm, llm_text, presets
+from blip2_lite.lite.shapes_world import generate_shapes_world
+from blip2_lite.prompts import PROMPTS
 from blip2_lite.train import TrainConfig
 
 TINY = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=3)
@@ -31,7 +33,7 @@ def world() -> DatasetDict:
 
 @pytest.fixture(scope="module")
 def tokenizer(world):
-    return llm.train_tokenizer(world["train"])
+    return llm_text.train_tokenizer(world["train"])
 
 
 def same_weights(a, b) -> bool:
@@ -60,7 +62,7 @@ def test_special_ids_and_no_automatic_special_tokens(tokenizer):
     assert tokenizer("red")["input_ids"] == [tokenizer.convert_tokens_to_ids("red")]
     assert tokenizer("red</s>")["input_ids"][-1] == tokenizer.eos_token_id  # written out, not added
     assert tokenizer(" red")["input_ids"] != tokenizer("red")["input_ids"]  # add_prefix_space False
-    assert len(tokenizer) <= llm.VOCAB_SIZE
+    assert len(tokenizer) <= presets.LLM_VOCAB_SIZE
 
 
 def test_prompt_word_after_a_caption_is_the_token_that_follows_a_soft_prompt(tokenizer):
@@ -70,7 +72,7 @@ def test_prompt_word_after_a_caption_is_the_token_that_follows_a_soft_prompt(tok
 
 
 def test_tokenizer_training_is_deterministic(world, tokenizer):
-    again = llm.train_tokenizer(world["train"])
+    again = llm_text.train_tokenizer(world["train"])
     assert again.get_vocab() == tokenizer.get_vocab()
     text = " ".join(world["val"][0]["captions"])
     assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
@@ -81,7 +83,7 @@ def test_tokenizer_training_is_deterministic(world, tokenizer):
 
 def test_opt_documents_have_the_agreed_format(world):
     split = world["train"]
-    docs = llm.opt_documents(split, seed=0)
+    docs = llm_text.opt_documents(split, seed=0)
     n = len(split)
     assert len(docs) == 5 * n + 6 * n
     assert docs[: 5 * n] == [f"{c}</s>" for captions in split["captions"] for c in captions]
@@ -92,13 +94,13 @@ def test_opt_documents_have_the_agreed_format(world):
             suffix = f" {PROMPTS['vqa_opt'].format(question)} {majority_answer(ten)}</s>"
             assert doc.endswith(suffix)
             assert doc[: -len(suffix)] in captions  # the context: a caption of the same image
-    assert llm.opt_documents(split, seed=0) == docs
-    assert llm.opt_documents(split, seed=1) != docs  # other contexts
+    assert llm_text.opt_documents(split, seed=0) == docs
+    assert llm_text.opt_documents(split, seed=1) != docs  # other contexts
 
 
 def test_t5_pairs_have_the_agreed_format(world):
     split = world["train"]
-    pairs = llm.t5_pairs(split, seed=0)
+    pairs = llm_text.t5_pairs(split, seed=0)
     captions = [c for per_image in split["captions"] for c in per_image]
     assert len(pairs) == 2 * len(captions) + 6 * len(split)
     for (source, target), caption in zip(pairs, captions):
@@ -117,27 +119,27 @@ def test_t5_pairs_have_the_agreed_format(world):
             prompt = " " + PROMPTS["vqa_t5"].format(question)
             assert source.endswith(prompt) and source[: -len(prompt)] in per_image
             assert target == f"{majority_answer(ten)}</s>"
-    assert llm.t5_pairs(split, seed=0) == pairs
+    assert llm_text.t5_pairs(split, seed=0) == pairs
 
 
 def test_corpora_come_only_from_the_given_split(world):
-    train_text = set(llm.tokenizer_texts(world["train"]))
+    train_text = set(llm_text.tokenizer_texts(world["train"]))
     val_only = [c for per_image in world["val"]["captions"] for c in per_image if c not in train_text]
     assert val_only  # else the test proves nothing
-    docs = "\n".join(llm.opt_documents(world["train"]))
-    sources = "\n".join(s + t for s, t in llm.t5_pairs(world["train"]))
+    docs = "\n".join(llm_text.opt_documents(world["train"]))
+    sources = "\n".join(s + t for s, t in llm_text.t5_pairs(world["train"]))
     assert not any(f"{c}</s>" in docs or f"{c} Question" in docs or c in sources for c in val_only)
 
 
 def test_opt_rows_start_with_eos_at_a_random_position_and_predict_every_document_token(tokenizer):
     docs = [tokenizer(text)["input_ids"] for text in ("a red circle</s>", "two shapes: a blue star and a red cross</s>")]
-    batch = llm._opt_batch(docs, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    batch = llm_text.opt_batch(docs, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
     assert batch["input_ids"][:, 0].tolist() == [tokenizer.eos_token_id] * 2
     for doc, labels, mask, positions in zip(docs, batch["labels"], batch["attention_mask"], batch["position_ids"]):
         assert labels[labels != -100].tolist() == doc and int(mask.sum()) == len(doc) + 1
         text_positions = positions[: len(doc) + 1]
         assert torch.equal(text_positions, text_positions[0] + torch.arange(len(doc) + 1))
-        assert 0 <= text_positions[0] and text_positions[-1] < llm.OPT_SEQ_LEN
+        assert 0 <= text_positions[0] and text_positions[-1] < presets.OPT_SEQ_LEN
     assert batch["position_ids"][:, 0].tolist() != [0, 0]  # not always at the start
 
 
@@ -148,7 +150,7 @@ def small(world, images: int = 60) -> DatasetDict:
     return DatasetDict(train=world["train"].select(range(images)), val=world["val"])
 
 
-@pytest.mark.parametrize("family", llm.LLM_FAMILIES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_pretraining_loss_falls(world, tokenizer, family):
     config = TrainConfig(steps=30, batch_size=8, lr=2e-3, warmup_steps=3, eval_every=15, checkpoint_every=30)
     model, history = llm.pretrain_llm(family, small(world), tokenizer, progress=False, config=config)
@@ -160,7 +162,7 @@ def test_pretraining_loss_falls(world, tokenizer, family):
     assert perplexities[-1] == pytest.approx(llm.perplexity(model, tokenizer, family, world["val"]), rel=1e-3)
 
 
-@pytest.mark.parametrize("family", llm.LLM_FAMILIES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_seeded_pretraining_is_reproducible(world, tokenizer, family):
     first, history = llm.pretrain_llm(family, small(world), tokenizer, seed=5, progress=False, config=TINY)
     second, again = llm.pretrain_llm(family, small(world), tokenizer, seed=5, progress=False, config=TINY)
@@ -169,7 +171,7 @@ def test_seeded_pretraining_is_reproducible(world, tokenizer, family):
     assert not same_weights(first, other)
 
 
-@pytest.mark.parametrize("family", llm.LLM_FAMILIES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_batched_generation_matches_one_prompt_at_a_time(world, tokenizer, family):
     model = llm.build_llm(family, tokenizer, seed=0).eval()
     prompts, _, _ = llm.vqa_prompts(world["val"].select(range(1)), family)  # ragged: padding matters
@@ -188,9 +190,9 @@ def test_text_vqa_accuracy_scores_every_question_type(world, tokenizer):
 # ----------------------------------------------------------------------------- cache
 
 
-@pytest.mark.parametrize("family", llm.LLM_FAMILIES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_load_lite_llm_trains_once_then_loads_the_same_frozen_model(world, family, tmp_path, monkeypatch):
-    monkeypatch.setitem(llm.LLM_TRAIN, family, TINY)
+    monkeypatch.setitem(presets.LLM_TRAIN, family, TINY)
     data = small(world, images=20)
     model, tokenizer = llm.load_lite_llm(family, data, root=tmp_path, progress=False)
     path = llm.llm_cache_dir(family, data, tmp_path)
@@ -204,7 +206,7 @@ def test_load_lite_llm_trains_once_then_loads_the_same_frozen_model(world, famil
     monkeypatch.setattr(llm, "pretrain_llm", no_training)
     again, tokenizer_again = llm.load_lite_llm(family, data, root=tmp_path, progress=False)
     assert tokenizer_again.get_vocab() == tokenizer.get_vocab()
-    batch = llm._collate(family, tokenizer, llm._examples(family, tokenizer, data["val"], seed=0)[:4])
+    batch = llm_text.collate(family, tokenizer, llm_text.tokenized_examples(family, tokenizer, data["val"], seed=0)[:4])
     inputs = {k: v for k, v in batch.items() if k != "labels"} | (
         {"decoder_input_ids": batch["input_ids"][:, :3]} if family == "t5" else {})
     with torch.no_grad():
@@ -214,7 +216,7 @@ def test_load_lite_llm_trains_once_then_loads_the_same_frozen_model(world, famil
 
 
 def test_an_interrupted_save_leaves_no_cache(world, tmp_path, monkeypatch):
-    monkeypatch.setitem(llm.LLM_TRAIN, "opt", TINY)
+    monkeypatch.setitem(presets.LLM_TRAIN, "opt", TINY)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -231,7 +233,7 @@ def test_plot_llm_history_draws_both_families(world, tokenizer):
     matplotlib.use("Agg")
     config = TrainConfig(steps=2, batch_size=4, lr=1e-3, eval_every=1, checkpoint_every=2)
     histories = {f: llm.pretrain_llm(f, small(world, 10), tokenizer, progress=False, config=config)[1]
-                 for f in llm.LLM_FAMILIES}
+                 for f in sorted(FAMILIES)}
     loss_axes, perplexity_axes = llm.plot_llm_history(histories).axes
     assert [len(ax.lines) for ax in (loss_axes, perplexity_axes)] == [2, 2]
     assert list(perplexity_axes.lines[0].get_xdata()) == [1, 2]

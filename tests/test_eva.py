@@ -1,5 +1,6 @@
 """The full-scale image encoder (EVA ViT as a timm Eva) against transformers' Blip2VisionModel, and load_image."""
 
+import copy
 import io
 import re
 
@@ -9,17 +10,14 @@ import torch
 from PIL import Image
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
-from blip2_lite.vision import (
-    CLIP_MEAN,
-    CLIP_STD,
-    EvaVisionTower,
-    ImageLoadError,
-    WeightLoadError,
-    convert_hf_vision,
-    convert_lavis_vision,
-    eva_vit,
-    load_image,
-)
+from blip2_lite.convert.engine import CheckpointError, load_strict
+from blip2_lite.convert.hf import convert_hf_vision
+from blip2_lite.convert.lavis import convert_lavis_vision
+from blip2_lite.convert.pretrained import eva_from_hf
+from blip2_lite.encoders.eva import CLIP_MEAN, CLIP_STD, EvaVisionTower, eva_vit
+from blip2_lite.encoders.images import ImageLoadError, load_image
+from blip2_lite.parameters import count_parameters
+
 from hf_tiny import randomise_layernorms
 
 WIDTH, LAYERS = 24, 3
@@ -73,7 +71,7 @@ def post_layernorm(state):
 def test_hf_weights_match_transformers_layer_by_layer(hf_vision, hf_state, pixels):
     with torch.no_grad():
         reference = hf_vision(pixels, output_hidden_states=True)
-    tower = EvaVisionTower.from_hf(TINY, hf_state)
+    tower = eva_from_hf(TINY, hf_state)
     ours = hidden_states(tower.model, pixels)
     assert len(ours) == len(reference.hidden_states) == LAYERS + 1
     for i, (mine, theirs) in enumerate(zip(ours, reference.hidden_states)):
@@ -92,7 +90,7 @@ def test_swapped_q_and_v_biases_are_caught(hf_vision, hf_state, pixels):
     swapped = timm_state | {"blocks.1.attn.q_bias": timm_state["blocks.1.attn.v_bias"],
                             "blocks.1.attn.v_bias": timm_state["blocks.1.attn.q_bias"]}
     tower = EvaVisionTower(TINY)
-    tower.load_eva_state(swapped)
+    load_strict(tower.model, swapped)
     with torch.no_grad():
         reference = hf_vision(pixels, output_hidden_states=True).hidden_states
     ours = hidden_states(tower.model, pixels)
@@ -100,29 +98,39 @@ def test_swapped_q_and_v_biases_are_caught(hf_vision, hf_state, pixels):
     assert not torch.allclose(ours[2], reference[2], atol=1e-3)
 
 
-def test_a_nonzero_key_bias_is_refused(hf_state):
+def test_a_fine_tuned_key_bias_loads_and_changes_nothing(hf_vision, hf_state, pixels):
+    """transformers trains the whole qkv bias, so a fine-tuned checkpoint has a non-zero key third.
+    EVA has no key bias, and dropping it is exact: it adds q.b_k to every logit of a query's row."""
     key = "vision_model.encoder.layers.2.self_attn.qkv.bias"
     bias = hf_state[key].clone()
-    bias[WIDTH] = 0.5
-    with pytest.raises(WeightLoadError, match=re.escape(key)):
-        convert_hf_vision(hf_state | {key: bias})
+    bias[WIDTH : 2 * WIDTH] = torch.randn(WIDTH)
+    fine_tuned = copy.deepcopy(hf_vision)  # the fixture's weights stay as they are for the other tests
+    with torch.no_grad():
+        fine_tuned.encoder.layers[2].self_attn.qkv.bias.copy_(bias)
+        reference = fine_tuned(pixels).last_hidden_state
+        tower = eva_from_hf(TINY, hf_state | {key: bias})
+        _, ln_vision = convert_hf_vision(hf_state)
+        ours = torch.nn.functional.layer_norm(tower(pixels), (WIDTH,), ln_vision["weight"], ln_vision["bias"],
+                                              TINY.layer_norm_eps)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    assert bias[WIDTH : 2 * WIDTH].abs().max() > 0.1  # the key bias was really there
 
 
 def test_loading_is_strict(hf_state):
     missing = {k: v for k, v in hf_state.items() if k != "vision_model.encoder.layers.1.mlp.fc2.bias"}
     extra_layer = {f"vision_model.encoder.layers.{LAYERS}.mlp.fc1.bias": torch.zeros(40)}
-    both = r"(?s)missing blocks\.1\.mlp\.fc2\.bias.*unexpected blocks\.3\.mlp\.fc1\.bias"
-    with pytest.raises(WeightLoadError, match=both):
-        EvaVisionTower.from_hf(TINY, missing | extra_layer)
+    both = r"(?s)missing: \['blocks\.1\.mlp\.fc2\.bias'\].*unexpected: \['blocks\.3\.mlp\.fc1\.bias'\]"
+    with pytest.raises(CheckpointError, match=both):
+        eva_from_hf(TINY, missing | extra_layer)
 
     unknown = {"vision_model.encoder.layers.0.mlp.fc3.weight": torch.zeros(1),
                "vision_model.head.weight": torch.zeros(1)}
-    with pytest.raises(WeightLoadError, match=r"layers\.0\.mlp\.fc3\.weight.*vision_model\.head\.weight"):
+    with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.fc3\.weight.*vision_model\.head\.weight"):
         convert_hf_vision(hf_state | unknown)
 
     shape_key = "vision_model.embeddings.position_embedding"
-    with pytest.raises(WeightLoadError, match=r"shape pos_embed: source \(1, 5, 24\) vs model \(1, 17, 24\)"):
-        EvaVisionTower.from_hf(TINY, hf_state | {shape_key: torch.zeros(1, 5, WIDTH)})
+    with pytest.raises(CheckpointError, match=r"pos_embed: checkpoint \(1, 5, 24\) vs model \(1, 17, 24\)"):
+        eva_from_hf(TINY, hf_state | {shape_key: torch.zeros(1, 5, WIDTH)})
 
 
 def to_lavis(hf_state):
@@ -163,11 +171,11 @@ def test_lavis_weights_give_the_same_tokens(hf_state, pixels):
     lavis[f"visual_encoder.blocks.{LAYERS}.norm1.weight"] = torch.ones(WIDTH)
     timm_state, ln_vision = convert_lavis_vision(lavis, num_blocks=LAYERS)
     tower = EvaVisionTower(TINY)
-    tower.load_eva_state(timm_state)
-    torch.testing.assert_close(tower(pixels), EvaVisionTower.from_hf(TINY, hf_state)(pixels), atol=0, rtol=0)
+    load_strict(tower.model, timm_state)
+    torch.testing.assert_close(tower(pixels), eva_from_hf(TINY, hf_state)(pixels), atol=0, rtol=0)
     torch.testing.assert_close(ln_vision, convert_hf_vision(hf_state)[1])
 
-    with pytest.raises(WeightLoadError, match=r"visual_encoder\.blocks\.0\.attn\.k_bias"):
+    with pytest.raises(CheckpointError, match=r"visual_encoder\.blocks\.0\.attn\.k_bias"):
         convert_lavis_vision(lavis | {"visual_encoder.blocks.0.attn.k_bias": torch.zeros(WIDTH)})
 
 
@@ -177,19 +185,19 @@ def test_full_size_vit_g_on_meta():
         eva = eva_vit(config)
         from_dict = eva_vit(config.to_dict())
         hf = Blip2VisionModel(config)
-    count = lambda model: sum(p.numel() for p in model.parameters())
+    count = count_parameters
     width, depth = config.hidden_size, config.num_hidden_layers
     assert (width, depth) == (1408, 39)
     # HF also counts post_layernorm (ln_vision, outside our encoder) and the always-zero k third of each qkv bias
     assert count(eva) == count(hf) - 2 * width - depth * width
-    assert round(count(hf) / 1e6, 2) == 985.95  # REFERENCE.md
+    assert round(count(hf) / 1e6, 2) == 985.95  # transformers' Blip2VisionModel with Salesforce's config
     assert isinstance(eva.norm, torch.nn.Identity) and isinstance(eva.fc_norm, torch.nn.Identity)
     assert eva.blocks[0].mlp.fc1.out_features == 6144 and eva.rope is None and eva.blocks[0].gamma_1 is None
     assert count(from_dict) == count(eva)  # a config dict works too
 
 
 def test_tower_is_frozen_and_preprocesses_with_clip_statistics(hf_state):
-    tower = EvaVisionTower.from_hf(TINY, hf_state)
+    tower = eva_from_hf(TINY, hf_state)
     assert not any(p.requires_grad for p in tower.parameters())
     tower.train()
     assert not any(m.training for m in tower.modules())
@@ -201,7 +209,7 @@ def test_tower_is_frozen_and_preprocesses_with_clip_statistics(hf_state):
 
 
 def test_bfloat16_tower_takes_float32_pixels(hf_state, pixels):
-    tower = EvaVisionTower.from_hf(TINY, hf_state)
+    tower = eva_from_hf(TINY, hf_state)
     reference = tower(pixels)
     tokens = tower.to(torch.bfloat16)(pixels)
     assert tokens.dtype == torch.bfloat16

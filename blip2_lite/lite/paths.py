@@ -8,7 +8,7 @@ repository (git-ignored), else ``~/.cache/blip2_lite`` for a non-editable instal
 import os
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 
 
 def cache_root() -> Path:

@@ -5,19 +5,17 @@ import os
 import matplotlib
 import pytest
 
-from blip2_lite import data
-from blip2_lite.data import (
-    IMAGE_SIZE,
-    QUESTION_TYPES,
+from blip2_lite.evaluate.vqa import majority_answer, vqa_accuracy
+from blip2_lite.lite import shapes_world
+from blip2_lite.lite.captions import caption_holds
+from blip2_lite.lite.scenes import IMAGE_SIZE, QUESTION_TYPES
+from blip2_lite.lite.shapes_world import (
     caption_ambiguity,
-    caption_holds,
     chance_levels,
     fingerprint,
     load_shapes_world,
-    majority_answer,
     make_scene,
     show_examples,
-    vqa_accuracy,
 )
 
 SMALL = {"train": 20, "val": 5, "test": 5}
@@ -105,9 +103,9 @@ def test_vqa_accuracy_by_hand():
 
 def test_cache_is_loaded_not_regenerated(tmp_path, monkeypatch):
     first = load_shapes_world(tmp_path, SMALL, progress=False)
-    monkeypatch.setattr(data, "make_scene", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr(shapes_world, "make_scene", lambda *a, **k: pytest.fail("regenerated"))
     assert fingerprint(load_shapes_world(tmp_path, SMALL, progress=False)) == fingerprint(first)
-    assert os.listdir(tmp_path) == [f"shapes-v{data.DATASET_VERSION}-s0-20-5-5"]
+    assert os.listdir(tmp_path) == [f"shapes-v{shapes_world.DATASET_VERSION}-s0-20-5-5"]
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
@@ -119,7 +117,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return make_scene(*args, **kwargs)
 
-    monkeypatch.setattr(data, "make_scene", interrupted)
+    monkeypatch.setattr(shapes_world, "make_scene", interrupted)
     with pytest.raises(KeyboardInterrupt):
         load_shapes_world(tmp_path, SMALL, progress=False)
     assert os.listdir(tmp_path) == []
@@ -141,9 +139,9 @@ def test_bad_arguments(tmp_path):
 
 def test_chance_levels(world):
     chance = chance_levels(world)
-    assert chance["t2i_R@1"] == pytest.approx(100 / 5) and chance["i2t_R@1"] == pytest.approx(100 / 5)
-    assert chance["t2i_R@5"] == 100  # K >= N
-    assert chance["i2t_R@5"] == pytest.approx(100 * (1 - math.comb(20, 5) / math.comb(25, 5)))  # 5 of 25 captions
+    assert chance["t2i_r1"] == pytest.approx(100 / 5) and chance["i2t_r1"] == pytest.approx(100 / 5)
+    assert chance["t2i_r5"] == 100  # K >= N
+    assert chance["i2t_r5"] == pytest.approx(100 * (1 - math.comb(20, 5) / math.comb(25, 5)))  # 5 of 25 captions
     assert 0 < chance["vqa_overall"] < 100
     with pytest.raises(ValueError):
         chance_levels({"train": world["train"]})

@@ -1,0 +1,24 @@
+"""The frozen image side of both stages: pixels through the frozen encoder (or cached features), then
+the trainable vision LayerNorm that BLIP-2 puts in front of the Q-Former (LAVIS's ``ln_vision``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def vision_embeds(image_encoder: nn.Module | None, ln_vision: nn.LayerNorm, pixels: torch.Tensor | None,
+                  image_features: torch.Tensor | None, pixels_name: str = "pixel_values") -> torch.Tensor:
+    """``ln_vision(image_encoder(pixels))`` with the encoder run without gradient, or ``ln_vision`` of
+    given features ``[B, N, D]`` (cached fp16 features on any device are cast to the LayerNorm's)."""
+    if (pixels is None) == (image_features is None):
+        raise ValueError(f"pass exactly one of {pixels_name} or image_features")
+    if pixels is not None:
+        if image_encoder is None:
+            raise ValueError("this model has no image_encoder: pass precomputed image_features instead")
+        with torch.no_grad():
+            image_features = image_encoder(pixels)
+    width = ln_vision.normalized_shape[0]
+    if image_features.dim() != 3 or image_features.shape[-1] != width:
+        raise ValueError(f"image features must be [batch, tokens, {width}], got shape {tuple(image_features.shape)}")
+    return ln_vision(image_features.to(ln_vision.weight))

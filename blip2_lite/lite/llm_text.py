@@ -1,0 +1,193 @@
+"""The lite LLMs' text: one tokenizer, the pretraining corpora, and their batches.
+
+BLIP-2's LLM knows the language but has never seen an image. No pretrained OPT or T5 can be
+downloaded offline, so the lite world pretrains tiny ones on the *text* of the training split
+(``lite.llm``) and then freezes them. What they read decides whether stage 2 can work: a frozen
+LLM follows a soft prompt only through a route it already uses to read context.
+
+* One byte-level BPE tokenizer for both families (ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, the T5
+  convention, where pad is also the decoder start). It adds no special tokens by itself: code
+  appends ``</s>`` to targets explicitly. Its training text holds the prompt words without a
+  leading space, so " Question" is tokenised as "Ġ" + "Question": the "Question" that follows a
+  soft prompt in stage 2 is then the very token the LLM learned after a caption.
+* OPT (decoder-only) reads documents: each caption alone, and reading-comprehension documents
+  "{caption} Question: {q} Answer: {a}</s>", so it learns to answer from the preceding context.
+  In stage 2 the image's soft prompt takes the caption's place. Each document gets a row of its
+  own, after an eos (as OPT's own tokenizer does; so "</s>" alone prompts a caption), starting at
+  a random position so that all of OPT's learned position embeddings are trained: in stage 2 the
+  text starts after the soft prompt, not at position 0. (Packed GPT-style, several documents per
+  row, this small model did not learn to use the context at all: it must first learn to ignore
+  the unrelated documents before the current one.)
+* T5 (encoder-decoder) reads prefix-LM pairs (the first k words of a caption -> the rest),
+  paraphrase pairs (one caption of a scene -> another caption of the same scene) and
+  "{caption} Question: {q} Short answer:" -> "{a}</s>". BLIP-2's stage-2 objective for FlanT5 is
+  such a prefix LM, with the soft prompt in the encoder. The paraphrase pairs are the only text
+  whose *content* (colours, shapes, counts) the decoder must read from the encoder rather than
+  guess; without them T5 gave one caption for every image in stage 2 (README, stage 2).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from ..evaluate.vqa import majority_answer
+from ..families import FAMILIES, llm_family
+from ..prompts import PROMPTS
+from .presets import LLM_VOCAB_SIZE, OPT_SEQ_LEN
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2: the order in which the tokenizer learns them
+CORPUS_VERSION = 3  # bump when the documents, pairs or tokenizer change: cached models are keyed by it
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _prompt_words() -> list[str]:
+    """The fixed text around each prompt's slot, e.g. "Question:" and "Answer:"."""
+    return [part.strip() for template in PROMPTS.values() for part in template.split("{}") if part.strip()]
+
+
+def tokenizer_texts(split) -> list[str]:
+    """Every caption, question and (annotator) answer of the split, and the prompt words."""
+    captions = [c for per_image in split["captions"] for c in per_image]
+    questions = [q for per_image in split["questions"] for q in per_image]
+    answers = [a for per_image in split["answers"] for ten in per_image for a in ten]
+    return captions + questions + answers + _prompt_words()
+
+
+def train_tokenizer(split) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (vocabulary of at most ``LLM_VOCAB_SIZE``) trained on the split's text.
+
+    All 256 bytes are in the vocabulary, so any text (unseen words, other scripts) round-trips.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=LLM_VOCAB_SIZE, special_tokens=[PAD, EOS, UNK], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(tokenizer_texts(split), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+                                   clean_up_tokenization_spaces=False, model_max_length=OPT_SEQ_LEN)
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def qa_with_context(split, rng: random.Random):
+    """(context, question, ten answers, question type) per question of the split; the context is
+    one caption of the same image, chosen at random."""
+    for captions, questions, answers, types in zip(split["captions"], split["questions"], split["answers"],
+                                                   split["question_types"]):
+        for question, ten, qtype in zip(questions, answers, types):
+            yield captions[rng.randrange(len(captions))], question, ten, qtype
+
+
+def opt_documents(split, seed: int = 0) -> list[str]:
+    """Each caption as "{caption}</s>", then per question "{context} Question: {q} Answer: {a}</s>"."""
+    captions = [f"{c}{EOS}" for per_image in split["captions"] for c in per_image]
+    reading = [f"{context} {FAMILIES['opt'].vqa_prompt.format(q)} {majority_answer(ten)}{EOS}"
+               for context, q, ten, _ in qa_with_context(split, random.Random(seed))]
+    return captions + reading
+
+
+def paraphrases(split, rng: random.Random):
+    """(another caption of the same image, caption) for every caption of the split."""
+    for captions in split["captions"]:
+        for j, caption in enumerate(captions):
+            other = rng.choice([i for i in range(len(captions)) if i != j])
+            yield captions[other], caption
+
+
+def t5_pairs(split, seed: int = 0) -> list[tuple[str, str]]:
+    """Prefix-LM splits of each caption (first k words -> the rest, k uniform in [0, n_words - 1],
+    so k = 0 gives an empty source), then per caption another caption of its image -> it, then
+    "{context} Question: {q} Short answer:" -> "{a}</s>"."""
+    rng = random.Random(seed)
+    pairs = []
+    for caption in (c for per_image in split["captions"] for c in per_image):
+        words = caption.split(" ")
+        k = rng.randrange(len(words))
+        pairs.append((" ".join(words[:k]), " ".join(words[k:]) + EOS))
+    pairs += [(source, f"{target}{EOS}") for source, target in paraphrases(split, rng)]
+    pairs += [(f"{context} {FAMILIES['t5'].vqa_prompt.format(q)}", f"{majority_answer(ten)}{EOS}")
+              for context, q, ten, _ in qa_with_context(split, rng)]
+    return pairs
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
+    longest = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (longest - len(r)) for r in rows])
+
+
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts)["input_ids"] if texts else []
+
+
+def t5_batch(sources: list[list[int]], targets: list[list[int]], pad_id: int) -> dict:
+    # An empty source (a prefix-LM split at k = 0) becomes one visible pad token: the encoder
+    # needs at least one position, and the decoder learns to start a caption from "nothing".
+    sources = [s or [pad_id] for s in sources]
+    input_ids = pad_rows(sources, pad_id)
+    attention_mask = pad_rows([[1] * len(s) for s in sources], 0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad_rows(targets, -100)}
+
+
+def opt_batch(documents: list[list[int]], eos_id: int, pad_id: int, rng: torch.Generator | None = None) -> dict:
+    """Documents, each after an eos (OPT's own tokenizer starts every text with ``</s>``), padded on
+    the right. With ``rng`` each row starts at a random position in ``[0, OPT_SEQ_LEN - length]``;
+    without, at 0. Every token of every document is a target."""
+    rows = [[eos_id] + d for d in documents]
+    too_long = max(len(r) for r in rows)
+    if too_long > OPT_SEQ_LEN:
+        raise ValueError(f"a document of {too_long} tokens exceeds OPT's {OPT_SEQ_LEN} positions")
+    input_ids = pad_rows(rows, pad_id)
+    attention_mask = pad_rows([[1] * len(r) for r in rows], 0)
+    if rng is None:
+        starts = torch.zeros(len(rows), 1, dtype=torch.long)
+    else:
+        room = torch.tensor([OPT_SEQ_LEN - len(r) + 1 for r in rows])
+        starts = (torch.rand(len(rows), generator=rng) * room).long()[:, None]
+    # Padding sits after the text, so its positions (clamped to stay in range) are never read.
+    position_ids = (starts + torch.arange(input_ids.shape[1])).clamp(max=OPT_SEQ_LEN - 1)
+    labels = pad_rows(rows, -100)
+    labels[:, 0] = -100  # the eos only conditions: the model shifts the labels itself
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+
+def tokenized_examples(family: str, tokenizer, split, seed: int):
+    """The split's documents (decoder-only) or pairs (encoder-decoder), tokenised."""
+    if not llm_family(family).encoder_decoder:
+        return encode(tokenizer, opt_documents(split, seed))
+    sources, targets = zip(*t5_pairs(split, seed))
+    return list(zip(encode(tokenizer, list(sources)), encode(tokenizer, list(targets))))
+
+
+def collate(family: str, tokenizer, examples) -> dict:
+    if not llm_family(family).encoder_decoder:
+        return opt_batch(examples, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    sources, targets = zip(*examples)
+    return t5_batch(list(sources), list(targets), tokenizer.pad_token_id)
+
+
+def opt_sampler(documents: list[list[int]], eos_id: int, pad_id: int, batch_size: int):
+    def sample(rng: torch.Generator) -> dict:
+        chosen = torch.randint(len(documents), (batch_size,), generator=rng).tolist()
+        return opt_batch([documents[i] for i in chosen], eos_id, pad_id, rng)
+
+    return sample
+
+
+def t5_sampler(pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int):
+    def sample(rng: torch.Generator) -> dict:
+        chosen = torch.randint(len(pairs), (batch_size,), generator=rng).tolist()
+        return t5_batch([pairs[i][0] for i in chosen], [pairs[i][1] for i in chosen], pad_id)
+
+    return sample

@@ -1,0 +1,86 @@
+"""Stage 1 in the lite world: batches, losses, the MiniLM-initialised model and ``run_stage1``,
+the one function the notebook and the command line call (train, then test retrieval)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..atomic import write_json
+from ..convert.bert import qformer_from_bert
+from ..evaluate.retrieval import retrieval
+from ..stage1 import Blip2Stage1
+from ..train import train
+from .paths import cache_root
+from .presets import STAGE1_PRESETS, config_digest
+from .shapes_world import relevance_matrix
+from .world import CaptionedImages, LiteWorld, load_lite_world
+
+
+def stage1_sampler(data: CaptionedImages, batch_size: int):
+    """Batches of distinct images, each with one of its captions drawn at random."""
+    n, c, _ = data.input_ids.shape
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} is larger than the {n} training images")
+
+    def sample(rng: torch.Generator) -> dict:
+        images = torch.randperm(n, generator=rng)[:batch_size]
+        captions = torch.randint(c, (batch_size,), generator=rng)
+        mask = data.attention_mask[images, captions]
+        length = int(mask.sum(dim=1).max())  # drop columns that are padding in every row: less compute
+        return {
+            "image_features": data.features[images].float(),
+            "input_ids": data.input_ids[images, captions, :length],
+            "attention_mask": mask[:, :length],
+        }
+
+    return sample
+
+
+def stage1_losses(model, batch: dict, rng: torch.Generator) -> dict[str, torch.Tensor]:
+    out = model(batch["input_ids"], batch["attention_mask"], image_features=batch["image_features"], generator=rng)
+    return {"loss": out.loss, "itc": out.loss_itc, "itm": out.loss_itm, "itg": out.loss_itg}
+
+
+def build_stage1_model(world: LiteWorld, num_query_tokens: int, seed: int = 0):
+    """Blip2Stage1 over the lite encoder's features, its Q-Former initialised from MiniLM."""
+    torch.manual_seed(seed)
+    width = world.splits["train"].features.shape[-1]
+    qformer, tokenizer = qformer_from_bert(num_query_tokens=num_query_tokens, encoder_width=width)
+    return Blip2Stage1(qformer.config, dec_token_id=tokenizer.bos_token_id, qformer=qformer)
+
+
+def retrieval_on(model, split: CaptionedImages, **kwargs) -> dict[str, float]:
+    ids, mask, text_image = split.flat_texts()
+    return retrieval(model, split.features, ids, mask, text_image, **kwargs)
+
+
+def run_stage1(preset: str = "course", root: str | None = None, run_dir: str | None = None,
+               world: LiteWorld | None = None, progress: bool = True, device: str | torch.device = "cpu"):
+    """Train stage 1 with a preset (resuming/reusing ``run_dir``) on ``device``, then evaluate retrieval
+    on the test split, with and without ITM re-ranking. Returns ``(model, history, test_metrics)``."""
+    if preset not in STAGE1_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(STAGE1_PRESETS)}")
+    chosen = STAGE1_PRESETS[preset]
+    root = Path(root or cache_root())
+    run_dir = Path(run_dir or root / "runs" / f"stage1-{preset}-{config_digest(chosen)}")
+    world = world or load_lite_world(root, progress=progress)
+    model = build_stage1_model(world, chosen.num_query_tokens, seed=chosen.train.seed)
+    val = world.splits["val"]
+    history = train(
+        model, stage1_sampler(world.splits["train"], chosen.train.batch_size), stage1_losses, chosen.train, run_dir,
+        evaluate=lambda m: {k: v for k, v in retrieval_on(m, val).items() if k.endswith("_r1")}, progress=progress,
+        device=device,
+    )
+    metrics_path = run_dir / "test_metrics.json"
+    if metrics_path.exists():
+        test_metrics = json.loads(metrics_path.read_text())
+    else:
+        model.eval()
+        relevant = relevance_matrix(world.dataset["test"])
+        test_metrics = retrieval_on(model, world.splits["test"], relevant=relevant, rerank_k=chosen.rerank_k,
+                                    progress=progress)
+        write_json(metrics_path, test_metrics)  # atomic: a half-written file would be reused as a cache
+    return model.eval(), history, test_metrics

@@ -1,0 +1,147 @@
+"""Stage 2 in the lite world: caption batches for a frozen OPT or T5, the model built on the stage-1
+Q-Former, test captions and zero-shot VQA, and ``run_stage2``, the one function the notebook and
+the command line call."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic import write_json
+from ..devices import to_device
+from ..evaluate.captioning import caption_image_gap, caption_scores
+from ..evaluate.vqa import vqa_scores
+from ..families import llm_family
+from ..stage2 import Blip2, language_batch, split_for_prefix_lm
+from ..train import train
+from .llm import llm_cache_dir, load_lite_llm
+from .paths import cache_root
+from .presets import STAGE1_PRESETS, STAGE2_PRESETS, config_digest
+from .stage1_recipe import build_stage1_model, run_stage1
+from .world import LiteWorld, load_lite_world
+
+
+def stage2_sampler(features: torch.Tensor, captions: list[list[str]], tokenizer, encoder_decoder: bool, batch_size: int):
+    """Batches of distinct images, each with one caption drawn at random as the LLM's target.
+
+    Decoder-only LLMs get no text prompt (the caption follows the soft prompt). Encoder-decoder LLMs
+    get prefix language modelling: the caption is split at a random word, the prefix joins the soft
+    prompt in the encoder and the rest is the decoder's target (``stage2.split_for_prefix_lm``).
+    """
+    n, per_image = len(captions), len(captions[0])
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} is larger than the {n} training images")
+
+    def sample(rng: torch.Generator) -> dict:
+        images = torch.randperm(n, generator=rng)[:batch_size]
+        picks = torch.randint(per_image, (batch_size,), generator=rng)
+        texts = [captions[i][c] for i, c in zip(images.tolist(), picks.tolist())]
+        if encoder_decoder:
+            cuts = [int(torch.randint(len(t.split(" ")), (1,), generator=rng)) for t in texts]
+            prompts, targets = zip(*(split_for_prefix_lm(t, k) for t, k in zip(texts, cuts)))
+        else:
+            prompts, targets = [""] * batch_size, texts
+        tokens = language_batch(tokenizer, list(prompts), list(targets), encoder_decoder)
+        return {"image_features": features[images].float(), "input_ids": tokens.input_ids,
+                "attention_mask": tokens.attention_mask, "labels": tokens.labels}
+
+    return sample
+
+
+def stage2_losses(model, batch: dict, rng: torch.Generator) -> dict[str, torch.Tensor]:
+    out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                image_features=batch["image_features"])
+    return {"loss": out.loss}
+
+
+STAGE2_RUN_VERSION = 2  # bump when a stage-2 run's result changes for the same preset: cached runs are keyed by it
+
+
+def build_stage2_model(world: LiteWorld, family: str, stage1_model=None, num_query_tokens: int = 8,
+                       root: str | None = None, progress: bool = True, seed: int = 0):
+    """``stage2.Blip2`` over the lite world's frozen LLM of ``family``, starting from ``stage1_model``'s
+    Q-Former, or from a Q-Former that skipped stage 1 (MiniLM-initialised) when it is None. The new
+    projection is drawn from ``seed``: without it, it would depend on whatever consumed the global
+    RNG before (in the notebook, the other family's stage 2)."""
+    language_model, tokenizer = load_lite_llm(family, world.dataset, root=root, progress=progress)
+    if stage1_model is None:
+        stage1_model = build_stage1_model(world, num_query_tokens, seed=seed)
+    torch.manual_seed(seed)
+    return Blip2.from_stage1(stage1_model, language_model, tokenizer)
+
+
+def stage2_val_loss(model, features: torch.Tensor, captions: list[list[str]], num_images: int = 128) -> float:
+    """Mean language-modelling loss on the first caption of the first ``num_images`` images (the
+    whole caption as target, for either family): a cheap, fixed validation signal."""
+    texts = [per_image[0] for per_image in captions[:num_images]]
+    tokens = to_device(language_batch(model.tokenizer, [""] * len(texts), texts, model.encoder_decoder).__dict__,
+                       model.language_projection.weight.device)
+    out = model(tokens["input_ids"], tokens["attention_mask"], labels=tokens["labels"],
+                image_features=features[: len(texts)])
+    return out.loss.item()
+
+
+def generate_in_batches(model, features: torch.Tensor, prompts: list[str] | None = None, batch_size: int = 250,
+                        progress: bool = False, **generate_kwargs) -> list[str]:
+    """``model.generate`` over many images (one prompt per image, or none), a batch at a time."""
+    texts = []
+    for start in tqdm(range(0, len(features), batch_size), disable=not progress, desc="generate"):
+        chunk = slice(start, start + batch_size)
+        texts += model.generate(image_features=features[chunk].float(),
+                                prompts=None if prompts is None else prompts[chunk], **generate_kwargs)
+    return texts
+
+
+def stage2_test_metrics(model, world: LiteWorld, progress: bool = True) -> dict:
+    """Captions (greedy) scored against the test references, and zero-shot VQA with the paper's prompt."""
+    split, features = world.dataset["test"], world.splits["test"].features
+    captions = generate_in_batches(model, features, max_new_tokens=40, progress=progress)
+    per_image = len(split["questions"][0])
+    image_of_question = torch.arange(len(split)).repeat_interleave(per_image)
+    prompts = [model.family.vqa_prompt.format(q) for qs in split["questions"] for q in qs]
+    answers = generate_in_batches(model, features[image_of_question], prompts, max_new_tokens=5, progress=progress)
+    flat = lambda column: [x for per in split[column] for x in per]  # noqa: E731
+    return {
+        **caption_scores(captions, split["captions"]),
+        "caption_image_gap": caption_image_gap(captions, split["captions"]),
+        **vqa_scores(answers, flat("answers"), flat("question_types")),
+        "examples": [{"caption": c, "references": r} for c, r in zip(captions[:8], split["captions"][:8])],
+    }
+
+
+def run_stage2(family: str = "opt", preset: str = "course", root: str | None = None, run_dir: str | None = None,
+               world: LiteWorld | None = None, stage1_model=None, progress: bool = True,
+               device: str | torch.device = "cpu"):
+    """Train stage 2 for one LLM family with a preset (resuming/reusing ``run_dir``) on ``device``, then
+    report captions and zero-shot VQA on the test split. The Q-Former comes from the preset's stage-1
+    run (trained first if needed), or skips stage 1. Returns ``(model, history, test_metrics)``."""
+    llm_family(family)  # an unknown family fails here, before anything is trained
+    if preset not in STAGE2_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(STAGE2_PRESETS)}")
+    chosen = STAGE2_PRESETS[preset]
+    root = Path(root or cache_root())
+    world = world or load_lite_world(root, progress=progress)
+    if stage1_model is None and chosen.stage1 is not None:
+        stage1_model, _, _ = run_stage1(chosen.stage1, root, world=world, progress=progress, device=device)
+    stage1_identity = "none" if chosen.stage1 is None else f"{chosen.stage1}-{config_digest(STAGE1_PRESETS[chosen.stage1])}"
+    llm_identity = llm_cache_dir(family, world.dataset, root).name
+    identity = (STAGE2_RUN_VERSION, chosen, stage1_identity, llm_identity)
+    run_dir = Path(run_dir or root / "runs" / f"stage2-{family}-{preset}-{config_digest(identity)}")
+    model = build_stage2_model(world, family, stage1_model, root=root, progress=progress, seed=chosen.train.seed)
+
+    train_split, val = world.dataset["train"], world.dataset["val"]
+    sampler = stage2_sampler(world.splits["train"].features, train_split["captions"], model.tokenizer,
+                             model.encoder_decoder, chosen.train.batch_size)
+    history = train(model, sampler, stage2_losses, chosen.train, run_dir, progress=progress, device=device,
+                    evaluate=lambda m: {"val_loss": stage2_val_loss(m, world.splits["val"].features, val["captions"])})
+    metrics_path = run_dir / "test_metrics.json"
+    if metrics_path.exists():
+        test_metrics = json.loads(metrics_path.read_text())
+    else:
+        model.eval()
+        test_metrics = stage2_test_metrics(model, world, progress=progress)
+        write_json(metrics_path, test_metrics)
+    return model.eval(), history, test_metrics
