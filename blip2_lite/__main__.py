@@ -8,6 +8,7 @@ generates the shapes world, its frozen features and the lite LLMs if they are no
 import argparse
 import json
 import os
+import sys
 
 from .families import FAMILIES
 from .lite import STAGE1_PRESETS, STAGE2_PRESETS, run_stage1, run_stage2
@@ -29,11 +30,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lite world never needs a hub
-    if args.command == "stage1":
-        _, _, metrics = run_stage1(args.preset, root=args.root, run_dir=args.run_dir, device=args.device)
-    else:
-        _, _, metrics = run_stage2(args.family, args.preset, root=args.root, run_dir=args.run_dir, device=args.device)
+    try:
+        if args.command == "stage1":
+            _, _, metrics = run_stage1(args.preset, root=args.root, run_dir=args.run_dir, device=args.device)
+        else:
+            _, _, metrics = run_stage2(args.family, args.preset, root=args.root, run_dir=args.run_dir,
+                                       device=args.device)
+    except (ValueError, TypeError, OSError, ArithmeticError) as e:  # our errors name their cause: one line, no traceback
+        parser.exit(2, f"error: {type(e).__name__}: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted: run the same command again to resume from the last checkpoint\n")
     print(json.dumps(metrics, indent=1))
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .inputs import check_token_ids
 from .masks import attention_mask
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
@@ -55,6 +56,10 @@ class QFormerConfig:
     text_input: bool = True
 
     def __post_init__(self):
+        sizes = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "encoder_width", "num_query_tokens",
+                 "vocab_size", "max_position_embeddings")
+        if bad := {name: getattr(self, name) for name in sizes if getattr(self, name) < 1}:
+            raise ValueError(f"Q-Former sizes must be >= 1, got {bad}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.cross_attention_freq < 1:
@@ -308,8 +313,9 @@ class QFormer(nn.Module):
         if input_ids is not None:
             if not cfg.text_input:
                 raise ValueError("this Q-Former was built with text_input=False (queries only): it takes no input_ids")
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be [batch, text_len], got shape {tuple(input_ids.shape)}")
+            check_token_ids(input_ids, cfg.vocab_size, "the Q-Former's")
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(f"input_ids must be [batch, text_len >= 1], got shape {tuple(input_ids.shape)}")
             if input_ids.shape[1] > cfg.max_position_embeddings:
                 raise ValueError(
                     f"text of length {input_ids.shape[1]} is longer than the position table "

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import losses
 from .encoders.frozen import vision_embeds
+from .inputs import check_token_ids
 from .qformer import QFormer, QFormerConfig
 
 
@@ -148,11 +149,16 @@ class Blip2Stage1(nn.Module):
         """
         image_embeds = self.image_embeds(images, image_features)
         batch = image_embeds.shape[0]
-        if input_ids.shape[0] != batch or attention_mask.shape != input_ids.shape:
+        check_token_ids(input_ids, self.config.vocab_size, "the Q-Former's")
+        if input_ids.shape[0] != batch or not isinstance(attention_mask, torch.Tensor) \
+                or attention_mask.shape != input_ids.shape:
             raise ValueError(
-                f"mismatched batch: {batch} images, input_ids {tuple(input_ids.shape)}, "
-                f"attention_mask {tuple(attention_mask.shape)}"
+                f"mismatched batch: {batch} images, input_ids {tuple(input_ids.shape)}, attention_mask "
+                f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)}"
             )
+        if image_ids is not None and (not isinstance(image_ids, torch.Tensor) or tuple(image_ids.shape) != (batch,)):
+            raise ValueError(f"image_ids must be a [batch] = [{batch}] tensor, one image id per caption, got "
+                             f"{tuple(image_ids.shape) if isinstance(image_ids, torch.Tensor) else type(image_ids)}")
 
         image_itc, image_pass = self.itc_image(image_embeds)
         text_itc = self.itc_text(input_ids, attention_mask)

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .encoders.frozen import vision_embeds
-from .encoders.images import load_image
+from .encoders.images import as_image_list
 from .families import LLMFamily, family_of
+from .inputs import check_token_ids
 from .qformer import QFormer
 
 IGNORE_INDEX = -100  # positions that carry no language-modelling loss
@@ -91,6 +92,20 @@ def language_batch(tokenizer, prompts: list[str], targets: list[str], encoder_de
     input_ids = pad(inputs, tokenizer.pad_token_id)
     attention_mask = pad([[1] * len(r) for r in inputs], 0)
     return LanguageBatch(input_ids, attention_mask, pad(labels, IGNORE_INDEX))
+
+
+def _check_decoding(max_new_tokens, min_new_tokens, num_beams, num_return_sequences, do_sample, top_p, temperature):
+    """Decoding settings transformers would reject deep inside ``generate`` (or divide by), named here."""
+    if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
+        raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
+                         f"got {max_new_tokens} and {min_new_tokens}")
+    if num_beams < 1 or num_return_sequences < 1:
+        raise ValueError(f"num_beams and num_return_sequences must be >= 1, got {num_beams} and {num_return_sequences}")
+    if not do_sample and num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) cannot exceed num_beams ({num_beams}) "
+                         "without sampling: raise num_beams or pass do_sample=True")
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
 
 
 class Blip2(nn.Module):
@@ -173,7 +188,11 @@ class Blip2(nn.Module):
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(f"input_ids and attention_mask must be [batch, length], got shapes "
                              f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-        embeds = self.language_model.get_input_embeddings()(input_ids)
+        words = self.language_model.get_input_embeddings()
+        check_token_ids(input_ids, words.num_embeddings, "the language model's")
+        if not self.encoder_decoder:
+            self._check_window(input_ids.shape[1], 0)
+        embeds = words(input_ids)
         return insert_after_padding(soft, embeds, attention_mask)
 
     # -- training ----------------------------------------------------------------------------------
@@ -195,6 +214,9 @@ class Blip2(nn.Module):
         is the encoder's prefix text, ``labels`` (or ``decoder_input_ids``) the decoder's side.
         """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if self.encoder_decoder and labels is None and decoder_input_ids is None:
+            raise ValueError("an encoder-decoder LLM needs labels or decoder_input_ids (its decoder's side); "
+                             "use generate for text without a target")
         soft = self.soft_prompt(pixel_values, image_features)
         inputs_embeds, mask = self.llm_inputs(soft, input_ids, attention_mask)
         if self.encoder_decoder:
@@ -220,7 +242,7 @@ class Blip2(nn.Module):
         if window is not None and queries + prompt_length + (0 if self.encoder_decoder else max_new_tokens) > window:
             raise ValueError(
                 f"the soft prompt ({queries} tokens) + the longest prompt ({prompt_length} tokens)"
-                + ("" if self.encoder_decoder else f" + {max_new_tokens} new tokens")
+                + ("" if self.encoder_decoder or not max_new_tokens else f" + {max_new_tokens} new tokens")
                 + f" exceed the language model's window of {window} tokens: shorten the prompt"
             )
 
@@ -281,9 +303,9 @@ class Blip2(nn.Module):
         prompts = [prompts or ""] * batch if prompts is None or isinstance(prompts, str) else list(prompts)
         if len(prompts) != batch:
             raise ValueError(f"{batch} images but {len(prompts)} prompts: give one prompt per image, or a single string")
-        if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
-            raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
-                             f"got {max_new_tokens} and {min_new_tokens}")
+        _check_decoding(max_new_tokens, min_new_tokens, num_beams, num_return_sequences, do_sample, top_p, temperature)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings (one for all images, or one per image)")
 
         input_ids, attention_mask = self.tokenize_prompts(prompts)
         self._check_window(input_ids.shape[1], max_new_tokens)
@@ -316,13 +338,8 @@ class Blip2(nn.Module):
         return torch.tensor(ids, dtype=torch.long).view(len(rows), width), torch.tensor(mask).view(len(rows), width)
 
     def pixels(self, images) -> torch.Tensor:
-        """PIL images, paths or bytes -> the image encoder's pixel tensor (decoded, converted to RGB)."""
-        from PIL import Image
-
+        """Images (paths, bytes, PIL images or arrays) -> the image encoder's pixel tensor (decoded, RGB)."""
         if self.image_encoder is None:
             raise ValueError("this model has no image_encoder: pass image_features instead of images")
-        images = [images] if isinstance(images, (Image.Image, str, bytes)) else list(images)
-        if not images:
-            raise ValueError("empty batch: no images given")
         device = next(self.language_projection.parameters()).device
-        return self.image_encoder.preprocess([load_image(im) for im in images]).to(device)
+        return self.image_encoder.preprocess(as_image_list(images)).to(device)

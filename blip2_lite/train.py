@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
 from .atomic import atomic_path
+from .convert.engine import CheckpointError, read_torch_file
 from .devices import autocast, to_device
 
 CHECKPOINT = "checkpoint.pt"
@@ -125,7 +126,9 @@ def _resume(path: Path, model, run: _Run, config: TrainConfig) -> tuple[History,
     """The history and step of the checkpoint at ``path`` (loaded into model and run), or a fresh start."""
     if not path.exists():
         return History(), 0
-    state = torch.load(path, map_location=run.device, weights_only=True)
+    state = read_torch_file(path, advice="delete it to start this run over, or pass another run_dir")
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "history", "config"} <= set(state):
+        raise CheckpointError(f"{path} is not a checkpoint of this training loop: delete it or use another run_dir")
     if state["config"] != asdict(config):
         raise ValueError(
             f"{path} was written with another training config:\n  {state['config']}\nvs\n  {asdict(config)}\n"
@@ -143,6 +146,9 @@ def _losses(model, batch, compute_losses, run: _Run, config: TrainConfig, step: 
     try:
         with autocast(run.device, config.bf16):
             losses = compute_losses(model, batch, run.loss_rng)
+        if not isinstance(losses, dict) or not isinstance(losses.get("loss"), torch.Tensor) or losses["loss"].numel() != 1:
+            raise TypeError(f"compute_losses must return a dict whose 'loss' is a scalar tensor, got {type(losses).__name__}"
+                            + (f" with keys {sorted(losses)}" if isinstance(losses, dict) else ""))
         if not torch.isfinite(losses["loss"]):
             raise FloatingPointError(f"loss is {losses['loss'].item()}")
     except FloatingPointError as err:
@@ -187,8 +193,15 @@ def train(
         device: where the model trains ("cpu", "cuda", "cuda:1", ...), with bf16 autocast for that device.
     Returns the full history, including steps done before a resume.
     """
-    device = torch.device(device)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from e
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run_dir {run_dir} is a file: pass a folder for the checkpoints")
     run_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu":
         keep_freed_memory()

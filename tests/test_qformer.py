@@ -108,7 +108,7 @@ def test_stage1_bad_inputs_raise_clear_errors():
     features, ids, mask = tiny_batch()
     with pytest.raises(ValueError, match="mismatched batch"):
         model(ids[:3], mask[:3], image_features=features)
-    with pytest.raises(ValueError, match=r"\[batch, tokens, 24\]"):
+    with pytest.raises(ValueError, match=r"\[batch >= 1, tokens >= 1, 24\]"):
         model(ids, mask, image_features=features[..., :-1])
     with pytest.raises(ValueError, match="no image_encoder"):
         model(ids, mask, images=torch.randn(6, 3, 8, 8))

@@ -8,6 +8,7 @@ raised together in one ``CheckpointError``, so a user fixes a layout mismatch in
 
 from __future__ import annotations
 
+import pickle
 import re
 from typing import Callable, Union
 
@@ -71,6 +72,18 @@ def convert(state: dict[str, torch.Tensor], rules: list[Rule], what: str, prefix
     if unknown:
         raise CheckpointError(f"unrecognised {what} keys: {unknown}")
     return converted
+
+
+def read_torch_file(path, advice: str = "download it again") -> object:
+    """``torch.load(path, weights_only=True)`` (no code runs from the file), or a ``CheckpointError``
+    naming the file when it is missing, truncated, or holds more than tensors and containers."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({str(e).splitlines()[0]}): "
+                              f"it is truncated, damaged or not a weights-only file; {advice}") from e
 
 
 def _tied_aliases(module: nn.Module) -> dict[str, set[str]]:

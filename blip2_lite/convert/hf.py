@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..qformer import QFormer, QFormerConfig
@@ -68,35 +69,78 @@ def convert_hf_vision(state_dict: dict[str, torch.Tensor], prefix: str = "vision
     return convert(state_dict, rules, "vision", prefix), post_layernorm
 
 
-def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, state dict) of a ``save_pretrained`` directory (safetensors only)."""
+def read_config(path: str | Path) -> dict:
+    """``config.json`` of a checkpoint folder as a dict, or a ``CheckpointError`` naming the file."""
+    file = Path(path) / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: a checkpoint folder needs the config.json that "
+                              "save_pretrained writes") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}): the file is damaged, download it again") from e
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} cannot be read ({e}): it is truncated or damaged, download it again") from e
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a ``save_pretrained`` folder: one ``*.safetensors`` file, or the shards that
+    ``model.safetensors.index.json`` names (every tensor of its weight map must be found). A folder
+    with several weight files and no index is refused: which of them is the model would be a guess."""
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e!r})") from e
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors = _load_safetensors(path / shard)
+            state.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
+        if missing := sorted(set(weight_map) - set(state)):
+            raise CheckpointError(f"{index} names tensors its shards do not hold: {missing[:10]}")
+        return state
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no .safetensors weights in {path}")
-    state = {}
-    for file in files:
-        state.update(load_file(file))
-    return config, state
+    if len(files) > 1:
+        raise CheckpointError(f"{path} holds {len(files)} weight files ({[f.name for f in files]}) and no "
+                              "model.safetensors.index.json saying which belong to the model: remove the extra ones")
+    return _load_safetensors(files[0])
 
 
-def qformer_config_from_hf(qformer_config: dict, num_query_tokens: int) -> QFormerConfig:
+def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, state dict) of a ``save_pretrained`` directory (safetensors only)."""
+    return read_config(path), read_state(path)
+
+
+def qformer_config_from_hf(qformer_config, num_query_tokens: int) -> QFormerConfig:
+    """blip2_lite's ``QFormerConfig`` from transformers' ``Blip2QFormerConfig`` (or its dict, which may
+    leave out keys at their default: transformers' class fills them in, as it does when loading)."""
+    from transformers import Blip2QFormerConfig
+
+    c = Blip2QFormerConfig.from_dict(qformer_config) if isinstance(qformer_config, dict) else qformer_config
     return QFormerConfig(
-        hidden_size=qformer_config["hidden_size"],
-        num_layers=qformer_config["num_hidden_layers"],
-        num_heads=qformer_config["num_attention_heads"],
-        intermediate_size=qformer_config["intermediate_size"],
-        encoder_width=qformer_config["encoder_hidden_size"],
-        cross_attention_freq=qformer_config["cross_attention_frequency"],
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        encoder_width=c.encoder_hidden_size,
+        cross_attention_freq=c.cross_attention_frequency,
         num_query_tokens=num_query_tokens,
-        vocab_size=qformer_config["vocab_size"],
-        max_position_embeddings=qformer_config["max_position_embeddings"],
-        layer_norm_eps=qformer_config["layer_norm_eps"],
-        hidden_dropout=qformer_config["hidden_dropout_prob"],
-        attention_dropout=qformer_config["attention_probs_dropout_prob"],
-        pad_token_id=qformer_config["pad_token_id"],
-        text_input=qformer_config.get("use_qformer_text_input", False),
+        vocab_size=c.vocab_size,
+        max_position_embeddings=c.max_position_embeddings,
+        layer_norm_eps=c.layer_norm_eps,
+        hidden_dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob,
+        pad_token_id=c.pad_token_id,
+        text_input=getattr(c, "use_qformer_text_input", False),
     )
 
 
@@ -139,13 +183,16 @@ def load_hf_retrieval(path: str | Path, dec_token_id: int | None = None) -> tupl
     carry no ITG head and no temperature: those keep their initial values.
     ``dec_token_id`` defaults to the last vocabulary entry (``[DEC]`` appended to bert-base-uncased).
     """
+    from transformers import Blip2Config
+
     config, state = read_hf_checkpoint(path)
-    qcfg = qformer_config_from_hf(config["qformer_config"], config["num_query_tokens"])
+    hf = Blip2Config.from_dict(config)  # fills in keys a hand-written config.json leaves at their default
+    qcfg = qformer_config_from_hf(hf.qformer_config, hf.num_query_tokens)
     model = Blip2Stage1(
         qcfg,
         dec_token_id=qcfg.vocab_size - 1 if dec_token_id is None else dec_token_id,
-        embed_dim=config["image_text_hidden_size"],
-        vision_layer_norm_eps=config["vision_config"]["layer_norm_eps"],
+        embed_dim=hf.image_text_hidden_size,
+        vision_layer_norm_eps=hf.vision_config.layer_norm_eps,
     )
     load_strict(model, convert(state, _RETRIEVAL_RULES, "retrieval-checkpoint"), allow_missing=("lm_head.", "temp"))
     vision = {k[len("vision_model."):]: v for k, v in state.items()

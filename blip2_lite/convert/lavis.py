@@ -13,7 +13,7 @@ import torch
 
 from ..qformer import QFormerConfig
 from ..stage1 import Blip2Stage1
-from .engine import SKIP, CheckpointError, convert, load_strict, prefixed
+from .engine import SKIP, CheckpointError, convert, load_strict, prefixed, read_torch_file
 from .hf import QFORMER_RULES
 
 _LAVIS_DUPLICATES = {  # saved twice by BERT's tied head: must equal the tensor they duplicate
@@ -62,8 +62,15 @@ def load_lavis_stage1(path: str | Path, num_heads: int = 12, dec_token_id: int |
     ``visual_encoder.*`` tensors (LAVIS's EVA layout) when the file carries them, else is empty.
     ``dec_token_id`` defaults to the last vocabulary entry (``[DEC]``, appended to bert-base-uncased).
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint)
+    checkpoint = read_torch_file(path)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors "
+                              "(LAVIS saves {'model': state_dict})")
+    required = ["query_tokens", "vision_proj.weight", "Qformer.bert.embeddings.word_embeddings.weight",
+                "Qformer.bert.embeddings.position_embeddings.weight"]
+    if missing := [k for k in required if k not in state]:
+        raise CheckpointError(f"{path} is not a LAVIS BLIP-2 stage-1 checkpoint: it lacks {missing}")
     config = _qformer_config(state, num_heads)
     model = Blip2Stage1(config, dec_token_id=config.vocab_size - 1 if dec_token_id is None else dec_token_id,
                         embed_dim=state["vision_proj.weight"].shape[0], vision_layer_norm_eps=1e-5)

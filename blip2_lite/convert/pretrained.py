@@ -5,7 +5,6 @@ without the weights."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from .hf import (
     convert_hf_vision,
     load_hf_retrieval,
     qformer_config_from_hf,
+    read_config,
     read_hf_checkpoint,
 )
 
@@ -38,7 +38,7 @@ def blip2_from_config(hf_config, with_vision: bool = True, tokenizer=None) -> Bl
     (works under ``torch.device("meta")``, e.g. to count the parameters of the full-size models)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    qformer = QFormer(qformer_config_from_hf(hf_config.qformer_config.to_dict(), hf_config.num_query_tokens))
+    qformer = QFormer(qformer_config_from_hf(hf_config.qformer_config, hf_config.num_query_tokens))
     if hf_config.use_decoder_only_language_model:
         language_model = AutoModelForCausalLM.from_config(hf_config.text_config)
     else:
@@ -73,8 +73,8 @@ def load_hf_blip2(path: str | Path, with_vision: bool = True):
     from transformers import Blip2Config
 
     path = Path(path)
-    _, state = read_hf_checkpoint(path)
-    return blip2_from_hf_state(Blip2Config.from_pretrained(path), state, with_vision, _tokenizer_if_present(path))
+    config, state = read_hf_checkpoint(path)
+    return blip2_from_hf_state(Blip2Config.from_dict(config), state, with_vision, _tokenizer_if_present(path))
 
 
 def _tokenizer_if_present(path: Path):
@@ -123,6 +123,9 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         return path
+    if path.exists() or str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") != 1:
+        raise CheckpointError(f"{str(name_or_path)!r} is not a checkpoint folder (a local folder written by "
+                              "save_pretrained, or a hub id such as Salesforce/blip2-opt-2.7b)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -144,8 +147,8 @@ def from_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None, 
     projection stay in fp32.
     """
     path = resolve_checkpoint(name_or_path)
-    config = json.loads((path / "config.json").read_text())
-    architecture = config.get("architectures", [""])[0]
+    config = read_config(path)
+    architecture = (config.get("architectures") or [""])[0]
     if architecture == "Blip2ForImageTextRetrieval":
         model, vision_state = load_hf_retrieval(path)
         model.image_encoder = eva_from_hf(config["vision_config"], vision_state, prefix="").requires_grad_(False).eval()

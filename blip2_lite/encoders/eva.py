@@ -10,12 +10,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from PIL import Image
 from timm.models.eva import Eva
 from torch import nn
 from transformers import Blip2VisionConfig
 
-from .images import unit_pixels
+from .images import check_pixels, unit_pixels
 
 # the normalisation EVA-CLIP was trained with
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -72,12 +71,13 @@ class EvaVisionTower(nn.Module):
     def train(self, mode=True):
         return super().train(False)  # frozen: dropout never turns on
 
-    def preprocess(self, images: list[Image.Image] | Image.Image) -> torch.Tensor:
-        """PIL images -> float32 ``[B, 3, S, S]``: bicubic resize to ``image_size`` (no crop), CLIP mean/std."""
+    def preprocess(self, images) -> torch.Tensor:
+        """Images (paths, bytes, PIL images or arrays; one or a list) -> float32 ``[B, 3, S, S]``: bicubic
+        resize to ``image_size`` (no crop), CLIP mean/std."""
         mean, std = (torch.tensor(c).view(1, 3, 1, 1) for c in (CLIP_MEAN, CLIP_STD))
         return (unit_pixels(images, self.image_size) - mean) / std
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         weight = self.model.patch_embed.proj.weight  # float32 pixels meet a possibly half-precision tower
-        return self.model.forward_features(pixels.to(weight.device, weight.dtype))
+        return self.model.forward_features(check_pixels(pixels, self.image_size).to(weight.device, weight.dtype))

@@ -19,6 +19,12 @@ def vision_embeds(image_encoder: nn.Module | None, ln_vision: nn.LayerNorm, pixe
         with torch.no_grad():
             image_features = image_encoder(pixels)
     width = ln_vision.normalized_shape[0]
-    if image_features.dim() != 3 or image_features.shape[-1] != width:
-        raise ValueError(f"image features must be [batch, tokens, {width}], got shape {tuple(image_features.shape)}")
+    if not isinstance(image_features, torch.Tensor):
+        raise TypeError(f"image_features must be a torch tensor [batch, tokens, {width}], "
+                        f"got {type(image_features).__name__}")
+    if image_features.dim() != 3 or image_features.shape[-1] != width or 0 in image_features.shape[:2]:
+        raise ValueError(f"image features must be [batch >= 1, tokens >= 1, {width}], "
+                         f"got shape {tuple(image_features.shape)}")
+    if not torch.isfinite(image_features).all():  # else NaN flows silently into losses or empty captions
+        raise FloatingPointError("image_features contain NaN or Inf")
     return ln_vision(image_features.to(ln_vision.weight))

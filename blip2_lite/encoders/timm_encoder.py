@@ -14,11 +14,10 @@ import os
 import timm
 import torch
 from einops import rearrange
-from PIL import Image
 from torch import nn
 
 from ..convert.efficientnet import lite0_weights_path, load_lite0_imagenet
-from .images import unit_pixels
+from .images import check_pixels, unit_pixels
 
 
 class FrozenImageEncoder(nn.Module):
@@ -66,8 +65,9 @@ class FrozenImageEncoder(nn.Module):
     def train(self, mode=True):
         return super().train(False)  # frozen: BatchNorm statistics and dropout never change
 
-    def preprocess(self, images: list[Image.Image] | Image.Image) -> torch.Tensor:
-        """PIL images -> normalised ``[B, 3, S, S]``, resized (bicubic, no crop) to ``image_size``.
+    def preprocess(self, images) -> torch.Tensor:
+        """Images (paths, bytes, PIL images or arrays; one or a list) -> normalised ``[B, 3, S, S]``,
+        resized (bicubic, no crop) to ``image_size``.
 
         The whole image is kept (aspect ratio is not), so nothing a caption mentions is cropped away.
         """
@@ -75,7 +75,8 @@ class FrozenImageEncoder(nn.Module):
 
     @torch.no_grad()  # not inference_mode: its tensors could not be saved for a later backward
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.mean.device).contiguous(memory_format=torch.channels_last)
+        fixed_size = self.image_size if hasattr(self.model, "patch_embed") else None  # a CNN takes any size
+        x = check_pixels(pixels, fixed_size).to(self.mean.device).contiguous(memory_format=torch.channels_last)
         if self.feature_layer == -1:
             out = self.model.forward_features(x)
         else:

@@ -1,5 +1,6 @@
 """Caption scores of the lite world: word overlap with the references, and whether a caption depends
-on its image at all (the image gap). The evaluation chapter adds the COCO metrics."""
+on its image at all (the image gap). The COCO metrics (BLEU, METEOR, ROUGE-L, CIDEr) are in
+``coco_caption``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def unigram_f1(prediction: str, reference: str) -> float:
 
 
 def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """A simple token-level score until the evaluation chapter brings BLEU/CIDEr: per image the best
+    """A simple token-level score, no Java needed (``coco_caption`` has BLEU/CIDEr): per image the best
     unigram F1 over its references, and the share of captions that equal one of them exactly (in %)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} images")

@@ -1,11 +1,20 @@
 """Image-text retrieval: ITC ranking of every pair, then ITM re-ranking of each query's top k.
 
-Conventions follow BLIP-2's retrieval evaluation (LAVIS, ``blip2_models/blip2.py``,
-``compute_sim_matrix``): image->text rank is the best rank among the image's
-captions; text->image rank is the rank of its one image;
-R@K = % of queries with rank < K. A *semantic* recall is reported beside the exact one when a
-relevance matrix is given: the top result counts when its content fits the query, even if it is
-another image that the caption also describes (captions of synthetic scenes can fit several).
+As LAVIS evaluates BLIP-2 (``lavis/models/blip2_models/blip2.py``, ``compute_sim_matrix``, and
+``lavis/tasks/retrieval.py``, ``_report_metrics``): the ITC score of a pair is the raw cosine of
+the best-matching query (``losses.itc_similarity``); each image's top ``k_test`` texts, and each
+text's top ``k_test`` images, are re-scored as ITM match logit (averaged over queries) + ITC
+cosine, and every other cell is left out of the ranking (LAVIS: -100; here -inf). Image->text rank
+is the best rank among the image's captions; text->image rank is the rank of its one image;
+R@K = % of queries with rank < K; ``r_mean`` is the mean of the two directions' mean recall
+(LAVIS's ``txt_r_mean`` = our ``i2t_r_mean``, ``img_r_mean`` = ``t2i_r_mean``).
+
+After re-ranking only the top k, every candidate outside it is tied, so a re-ranked R@K with K > k
+says nothing: it is not reported (and asking for it raises), unless k covers every candidate.
+
+A *semantic* recall is reported beside the exact one when a relevance matrix is given: the top
+result counts when its content fits the query, even if it is another image that the caption also
+describes (captions of synthetic scenes can fit several).
 """
 
 from __future__ import annotations
@@ -16,9 +25,72 @@ from tqdm.auto import tqdm
 from ..devices import autocast
 from ..losses import itc_similarity
 
+K_TEST = 128  # LAVIS's k_test for BLIP-2 on COCO and Flickr30k
+RECALL_KS = (1, 5, 10)
+
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _check_text_image(text_image, num_images: int, num_texts: int) -> torch.Tensor:
+    """``text_image`` as a 1-D long tensor of valid image indices, every image having a caption."""
+    text_image = torch.as_tensor(text_image).cpu()
+    if text_image.dim() != 1 or len(text_image) != num_texts:
+        raise ValueError(f"text_image must give the image of each of the {num_texts} texts, "
+                         f"got shape {tuple(text_image.shape)}")
+    if text_image.is_floating_point() or text_image.dtype == torch.bool:
+        raise ValueError(f"text_image must hold integer image indices, got {text_image.dtype}")
+    if num_texts and not bool(((text_image >= 0) & (text_image < num_images)).all()):
+        raise ValueError(f"text_image has indices outside [0, {num_images}), the number of images")
+    captioned = torch.zeros(num_images, dtype=torch.bool)
+    captioned[text_image] = True
+    if not bool(captioned.all()):  # an uncaptioned image would score its image->text rank as 0
+        raise ValueError(f"text_image gives image {int((~captioned).nonzero()[0])} no caption")
+    return text_image.long()
+
+
+def _check_relevant(relevant, num_images: int, num_texts: int) -> torch.Tensor:
+    relevant = torch.as_tensor(relevant).cpu()
+    if relevant.shape != (num_images, num_texts):
+        raise ValueError(f"relevant must be [{num_images} images, {num_texts} texts], "
+                         f"got shape {tuple(relevant.shape)}")
+    return relevant.bool()
+
+
+def recalls(scores: torch.Tensor, text_image: torch.Tensor, ks=RECALL_KS) -> dict[str, float]:
+    """R@K in both directions from ``scores [N_images, M_texts]``; ``text_image[j]`` is text j's image."""
+    scores = scores.cpu()
+    num_images, num_texts = scores.shape
+    text_image = _check_text_image(text_image, num_images, num_texts)
+    is_own = text_image[None, :] == torch.arange(num_images)[:, None]  # [N, M]
+    # image -> text: position of the best-ranked own caption
+    order = scores.argsort(dim=1, descending=True)
+    i2t_rank = is_own.gather(1, order).float().argmax(dim=1)
+    # text -> image: position of the one own image
+    order = scores.t().argsort(dim=1, descending=True)
+    t2i_rank = (order == text_image[:, None]).float().argmax(dim=1)
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
+        out[f"t2i_r{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
+    return out
+
+
+def recall_means(metrics: dict[str, float], ks=RECALL_KS, prefix: str = "") -> dict[str, float]:
+    """LAVIS's summary: each direction's mean over ``ks`` and their mean (``r_mean``)."""
+    i2t = sum(metrics[f"{prefix}i2t_r{k}"] for k in ks) / len(ks)
+    t2i = sum(metrics[f"{prefix}t2i_r{k}"] for k in ks) / len(ks)
+    return {f"{prefix}i2t_r_mean": i2t, f"{prefix}t2i_r_mean": t2i, f"{prefix}r_mean": (i2t + t2i) / 2}
+
+
+def semantic_recall_at_1(scores: torch.Tensor, relevant: torch.Tensor) -> dict[str, float]:
+    """% of queries whose top result is relevant; ``relevant [N, M]``: caption j describes image i."""
+    scores = scores.cpu()
+    relevant = _check_relevant(relevant, *scores.shape)
+    i2t = relevant.gather(1, scores.argmax(dim=1, keepdim=True)).float().mean().item()
+    t2i = relevant.t().gather(1, scores.t().argmax(dim=1, keepdim=True)).float().mean().item()
+    return {"i2t_semantic_r1": 100.0 * i2t, "t2i_semantic_r1": 100.0 * t2i}
 
 
 @torch.no_grad()
@@ -36,82 +108,115 @@ def itc_embeddings(model, image_features, input_ids, attention_mask, batch_size:
     return torch.cat(image_itc), torch.cat(text_itc)
 
 
-def recalls(scores: torch.Tensor, text_image: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """R@K in both directions from ``scores [N_images, M_texts]``; ``text_image[j]`` is text j's image."""
-    num_images = scores.shape[0]
-    is_own = text_image[None, :] == torch.arange(num_images)[:, None]  # [N, M]
-    # image -> text: position of the best-ranked own caption
-    order = scores.argsort(dim=1, descending=True)
-    i2t_rank = is_own.gather(1, order).float().argmax(dim=1)
-    # text -> image: position of the one own image
-    order = scores.t().argsort(dim=1, descending=True)
-    t2i_rank = (order == text_image[:, None]).float().argmax(dim=1)
-    out = {}
-    for k in ks:
-        out[f"i2t_r{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
-        out[f"t2i_r{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
-    return out
-
-
-def semantic_recall_at_1(scores: torch.Tensor, relevant: torch.Tensor) -> dict[str, float]:
-    """% of queries whose top result is relevant; ``relevant [N, M]``: caption j describes image i."""
-    i2t = relevant.gather(1, scores.argmax(dim=1, keepdim=True)).float().mean().item()
-    t2i = relevant.t().gather(1, scores.t().argmax(dim=1, keepdim=True)).float().mean().item()
-    return {"i2t_semantic_r1": 100.0 * i2t, "t2i_semantic_r1": 100.0 * t2i}
+def itc_score_matrix(image_itc: torch.Tensor, text_itc: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """``itc_similarity`` of every pair ``[N, M]`` on the CPU, a block of images at a time (the
+    per-query cosines of all pairs at once would take N*M*Q floats)."""
+    return torch.cat([itc_similarity(image_itc[i : i + batch_size], text_itc).cpu()
+                      for i in range(0, len(image_itc), batch_size)])
 
 
 @torch.no_grad()
-def itm_rerank(model, image_features, input_ids, attention_mask, itc_scores, k: int = 16, batch_size: int = 64,
-               progress: bool = False) -> torch.Tensor:
-    """Re-score each query's top-k ITC candidates with ITM: score = ITM match logit + ITC cosine
-    (as LAVIS does); candidates outside the top k keep -inf. Returns ``[N, M]`` i2t scores and the
-    (separately re-ranked) t2i scores transposed back to ``[N, M]``."""
+def itm_match_logits(model, image_embeds, input_ids, attention_mask, pair_image, pair_text, batch_size: int = 64,
+                     progress: bool = False, bf16: bool = True) -> torch.Tensor:
+    """ITM match logit (``itm_logits[:, 1]``, the mean over queries) of each (image, text) pair.
+
+    ``image_embeds [N, P, D]`` (after the vision LayerNorm) may live on the CPU: each batch moves
+    only its own images to the model's device and computes their keys/values once, so memory and
+    work grow with the number of pairs, not with N.
+    """
     device = _device(model)
+    logits = []
+    for i in tqdm(range(0, len(pair_image), batch_size), disable=not progress, desc="ITM re-rank"):
+        images, image_index = pair_image[i : i + batch_size].unique(return_inverse=True)
+        text = pair_text[i : i + batch_size]
+        length = int(attention_mask[text].sum(dim=1).max())  # skip all-padding columns
+        ids, mask = input_ids[text, :length].to(device), attention_mask[text, :length].to(device)
+        with autocast(device, enabled=bf16):  # on a CPU 1.7x faster; ranks barely move
+            logit = model.itm_logits(image_embeds[images].to(device), ids, mask, image_index.to(device))
+        logits.append(logit[:, 1].float().cpu())
+    return torch.cat(logits)
+
+
+@torch.no_grad()
+def itm_rerank(model, image_features, input_ids, attention_mask, itc_scores, k_test: int = K_TEST,
+               batch_size: int = 64, progress: bool = False, bf16: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """LAVIS's ``compute_sim_matrix`` after the ITC pass: each image's top ``k_test`` texts and each
+    text's top ``k_test`` images (``k_test`` clamped to the number of candidates) get ITM match
+    logit + ITC cosine; all other cells -inf. Returns the ``[N, M]`` image->text scores and the
+    (separately re-ranked) text->image scores, also ``[N, M]``. ``itc_scores`` is ``[N, M]`` on the
+    CPU; ``bf16=False`` scores in full precision."""
+    if k_test < 1:
+        raise ValueError(f"k_test must be at least 1, got {k_test}")
+    num_images, num_texts = itc_scores.shape
     image_embeds = torch.cat([
-        model.image_embeds(image_features=image_features[i : i + batch_size])
-        for i in range(0, len(image_features), batch_size)
+        model.image_embeds(image_features=image_features[i : i + batch_size]).cpu()  # once per image
+        for i in range(0, num_images, batch_size)
     ])
+    i2t_top = itc_scores.topk(min(k_test, num_texts), dim=1).indices  # [N, k] texts
+    t2i_top = itc_scores.t().topk(min(k_test, num_images), dim=1).indices  # [M, k] images
+    i2t_cells = torch.arange(num_images)[:, None] * num_texts + i2t_top
+    t2i_cells = t2i_top * num_texts + torch.arange(num_texts)[:, None]
+    cells = torch.cat([i2t_cells.flatten(), t2i_cells.flatten()])
+    # A pair in both directions' top k is scored once; sorted cells keep an image's pairs together.
+    pairs, inverse = cells.unique(return_inverse=True)
+    itm = itm_match_logits(model, image_embeds, input_ids, attention_mask, pairs // num_texts, pairs % num_texts,
+                           batch_size, progress, bf16)
+    scores = itm[inverse] + itc_scores.flatten()[cells]
+    i2t, t2i = (torch.full((num_images, num_texts), float("-inf")) for _ in range(2))
+    i2t.view(-1)[i2t_cells.flatten()] = scores[: i2t_cells.numel()]
+    t2i.view(-1)[t2i_cells.flatten()] = scores[i2t_cells.numel() :]
+    return i2t, t2i
 
-    def rescore(pairs_image, pairs_text):
-        logits = []
-        for i in tqdm(range(0, len(pairs_image), batch_size), disable=not progress, desc="ITM re-rank"):
-            image, text = pairs_image[i : i + batch_size], pairs_text[i : i + batch_size]
-            length = int(attention_mask[text].sum(dim=1).max())  # skip all-padding columns
-            ids, mask = input_ids[text, :length].to(device), attention_mask[text, :length].to(device)
-            with autocast(device):  # on a CPU 1.7x faster; ranks barely move
-                logit = model.itm_logits(image_embeds, ids, mask, image.to(device))
-            logits.append(logit[:, 1].float().cpu())
-        return torch.cat(logits)
 
-    def direction(scores):  # rows are the queries
-        top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-        rows = torch.arange(len(scores))[:, None].expand_as(top)
-        out = torch.full_like(scores, float("-inf"))
-        out[rows, top] = scores[rows, top]
-        return out, rows.flatten(), top.flatten()
-
-    i2t, img, txt = direction(itc_scores)
-    i2t[img, txt] += rescore(img, txt)
-    t2i, txt, img = direction(itc_scores.t())
-    t2i[txt, img] += rescore(img, txt)
-    return i2t, t2i.t()
+def _reranked_ks(ks, k: int, num_candidates: int, explicit: bool, direction: str) -> tuple[int, ...]:
+    """The K whose re-ranked R@K means something: K <= k, or any K once k covers every candidate."""
+    k = min(k, num_candidates)
+    valid = tuple(K for K in ks if K <= k or k == num_candidates)
+    if explicit and valid != tuple(ks):
+        raise ValueError(f"{direction} R@K for K > rerank_k = {k} is undefined after re-ranking only the top "
+                         f"{k}: ask for ks <= {k}, or raise rerank_k")
+    return valid
 
 
 @torch.no_grad()
 def retrieval(model, image_features, input_ids, attention_mask, text_image, relevant=None, rerank_k: int = 0,
-              progress: bool = False) -> dict[str, float]:
-    """ITC retrieval metrics, and with ``rerank_k > 0`` the same after ITM re-ranking (``itm_`` prefix)."""
-    image_itc, text_itc = itc_embeddings(model, image_features, input_ids, attention_mask)
-    scores = itc_similarity(image_itc, text_itc).cpu()
-    metrics = recalls(scores, text_image)
+              progress: bool = False, ks=None, batch_size: int = 64, bf16: bool = True) -> dict[str, float]:
+    """Retrieval metrics of ``model`` over every image-text pair.
+
+    ITC ranking: ``i2t_r{K}``, ``t2i_r{K}`` for K in ``ks`` (default ``RECALL_KS``), their means
+    ``i2t_r_mean``, ``t2i_r_mean``, ``r_mean``, and with ``relevant [N, M]`` ``i2t_semantic_r1`` and
+    ``t2i_semantic_r1``. With ``rerank_k`` (LAVIS's ``k_test``; its BLIP-2 configs use ``K_TEST``)
+    the same after ITM re-ranking, prefixed ``itm_``: only the R@K with K <= ``rerank_k`` (module
+    docstring; explicit ``ks`` with a larger K raise), and the means only when every K is there.
+    """
+    num_images, num_texts = len(image_features), len(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} and input_ids {tuple(input_ids.shape)} differ")
+    text_image = _check_text_image(text_image, num_images, num_texts)
+    if relevant is not None:
+        relevant = _check_relevant(relevant, num_images, num_texts)
+    if rerank_k < 0:
+        raise ValueError(f"rerank_k must be 0 (no re-ranking) or positive, got {rerank_k}")
+    explicit, ks = ks is not None, tuple(RECALL_KS if ks is None else ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive ranks K of R@K, got {ks}")
+
+    scores = itc_score_matrix(*itc_embeddings(model, image_features, input_ids, attention_mask))
+    metrics = recalls(scores, text_image, ks)
+    metrics |= recall_means(metrics, ks)
     if relevant is not None:
         metrics |= semantic_recall_at_1(scores, relevant)
     if rerank_k:
-        i2t, t2i = itm_rerank(model, image_features, input_ids, attention_mask, scores, rerank_k, progress=progress)
-        reranked = {f"itm_{k}": v for k, v in recalls(i2t, text_image).items() if k.startswith("i2t")}
-        reranked |= {f"itm_{k}": v for k, v in recalls(t2i, text_image).items() if k.startswith("t2i")}
+        i2t_ks = _reranked_ks(ks, rerank_k, num_texts, explicit, "image->text")
+        t2i_ks = _reranked_ks(ks, rerank_k, num_images, explicit, "text->image")
+        i2t, t2i = itm_rerank(model, image_features, input_ids, attention_mask, scores, rerank_k, batch_size,
+                              progress, bf16)
+        reranked = {k: v for k, v in recalls(i2t, text_image, i2t_ks).items() if k.startswith("i2t")}
+        reranked |= {k: v for k, v in recalls(t2i, text_image, t2i_ks).items() if k.startswith("t2i")}
+        if i2t_ks == t2i_ks == ks:
+            reranked |= recall_means(reranked, ks)
         if relevant is not None:
-            reranked["itm_i2t_semantic_r1"] = semantic_recall_at_1(i2t, relevant)["i2t_semantic_r1"]
-            reranked["itm_t2i_semantic_r1"] = semantic_recall_at_1(t2i, relevant)["t2i_semantic_r1"]
-        metrics |= reranked
+            reranked["i2t_semantic_r1"] = semantic_recall_at_1(i2t, relevant)["i2t_semantic_r1"]
+            reranked["t2i_semantic_r1"] = semantic_recall_at_1(t2i, relevant)["t2i_semantic_r1"]
+        metrics |= {f"itm_{k}": v for k, v in reranked.items()}
     return metrics

@@ -135,7 +135,10 @@ def load_shapes_world(root: str | None = None, sizes: dict | None = None, seed: 
         finally:
             if silence:
                 datasets.enable_progress_bars()
-    return datasets.load_from_disk(path)
+    try:
+        return datasets.load_from_disk(path)
+    except (OSError, ValueError, KeyError) as e:  # the folder is only ever renamed into place complete
+        raise OSError(f"the cached shapes world {path} cannot be read ({e}): delete it to regenerate it") from e
 
 
 def fingerprint(dataset_dict: datasets.DatasetDict) -> str:
