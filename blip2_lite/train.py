@@ -161,6 +161,21 @@ def _losses(model, batch, compute_losses, run: _Run, config: TrainConfig, step: 
     return losses
 
 
+def _check_arguments(config, device, run_dir) -> tuple[torch.device, Path]:
+    """The loop's own arguments, checked before anything is trained: (device, created run_dir)."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run_dir {run_dir} is a file: pass a folder for the checkpoints")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return device, run_dir
+
+
 def _validate(model, evaluate, history: History, step: int) -> None:
     model.eval()
     with torch.no_grad():
@@ -193,16 +208,7 @@ def train(
         device: where the model trains ("cpu", "cuda", "cuda:1", ...), with bf16 autocast for that device.
     Returns the full history, including steps done before a resume.
     """
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from e
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"run_dir {run_dir} is a file: pass a folder for the checkpoints")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    device, run_dir = _check_arguments(config, device, run_dir)
     if device.type == "cpu":
         keep_freed_memory()
     model.to(device)

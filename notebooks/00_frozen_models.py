@@ -91,13 +91,14 @@ print("torch", torch.__version__)
 # %%
 from timm.data import ImageNetInfo
 
-from blip2_lite.vision import FrozenImageEncoder
+from blip2_lite.encoders.timm_encoder import FrozenImageEncoder
+from blip2_lite.parameters import count_parameters
 
 start = time.perf_counter()
 encoder = FrozenImageEncoder()
 print(f"built and loaded in {time.perf_counter() - start:.1f} s")
-num_params = sum(p.numel() for p in encoder.parameters())
-num_trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+num_params = count_parameters(encoder)
+num_trainable = count_parameters(encoder, trainable_only=True)
 print(f"{num_params / 1e6:.2f}M parameters, {num_trainable} trainable; tokens {encoder.num_tokens} x {encoder.feature_dim}")
 
 # %% [markdown]
@@ -173,7 +174,7 @@ assert not encoder.training  # and asking for training mode does not change that
 # each of the 49 positions and three individual channels.
 
 # %%
-from blip2_lite.data import make_scene
+from blip2_lite.lite.shapes_world import make_scene
 
 scene = make_scene("train", 0)
 scene_features = encoder(encoder.preprocess([scene["image"]]))[0]  # [49, 1280]
@@ -274,7 +275,7 @@ assert norms[near_objects].mean() > 1.1 * norms[~near_objects].mean()
 # %%
 from transformers import BertModel
 
-from blip2_lite.checkpoints import bert_tokenizer, qformer_from_bert, resolve_bert
+from blip2_lite.convert.bert import bert_tokenizer, qformer_from_bert, resolve_bert
 
 torch.manual_seed(0)
 qformer, tokenizer = qformer_from_bert(num_query_tokens=8, encoder_width=1280)
@@ -318,12 +319,9 @@ assert bert_tokenizer()(caption).input_ids == ids  # the same tokenizer the data
 #   `[DEC]` embedding row. BERT's pooler is dropped.
 
 # %%
-def count(module, include):
-    return sum(p.numel() for name, p in module.named_parameters() if include(name))
-
-random_parts = count(qformer, lambda n: ".cross_attn." in n or n == "query_tokens")
-total = count(qformer, lambda n: True)
-query_ffn = count(qformer, lambda n: ".query_ffn." in n)
+random_parts = count_parameters(qformer, include=lambda name: ".cross_attn." in name or name == "query_tokens")
+total = count_parameters(qformer)
+query_ffn = count_parameters(qformer, include=lambda name: ".query_ffn." in name)
 print(f"Q-Former {total / 1e6:.2f}M parameters:")
 print(f"  from BERT          {(total - random_parts - query_ffn) / 1e6:6.2f}M")
 print(f"  copies of BERT FFN {query_ffn / 1e6:6.2f}M (query FFNs)")
@@ -432,7 +430,7 @@ assert random_sim[~torch.eye(len(captions), dtype=torch.bool)].min() > 0.8  # ra
 # `DATASET_VERSION`, so a change to the generator produces a new dataset instead of a stale one.
 
 # %%
-from blip2_lite.data import DATASET_VERSION, caption_ambiguity, chance_levels, load_shapes_world, show_examples
+from blip2_lite.lite.shapes_world import DATASET_VERSION, caption_ambiguity, chance_levels, load_shapes_world, show_examples
 
 start = time.perf_counter()
 ds = load_shapes_world()
@@ -485,7 +483,7 @@ for key, value in chance.items():
 # which has no such cap.
 
 # %%
-from blip2_lite.data import caption_holds
+from blip2_lite.lite.captions import caption_holds
 
 test = ds["test"]
 ambiguity = caption_ambiguity(test)
@@ -521,7 +519,7 @@ assert {name: len(split) for name, split in ds.items()} == {"train": 3000, "val"
 assert 0 <= ambiguity < 0.1
 assert (fitting >= 1).all()  # every caption fits at least its own image
 assert int((fitting > 1).sum()) / len(fitting) == ambiguity  # our count agrees with the package's
-assert abs(chance["t2i_R@1"] - 100 / len(ds["test"])) < 1e-9
+assert abs(chance["t2i_r1"] - 100 / len(ds["test"])) < 1e-9
 assert 40 < chance["vqa_exists"] < 60
 
 # %% [markdown]
@@ -536,8 +534,8 @@ assert 40 < chance["vqa_exists"] < 60
 # Q-Former's tokenizer. Later runs, and later chapters, just load the files.
 
 # %%
-from blip2_lite.paths import cache_root
-from blip2_lite.train import load_lite_world
+from blip2_lite.lite.paths import cache_root
+from blip2_lite.lite.world import load_lite_world
 
 start = time.perf_counter()
 world = load_lite_world()

@@ -254,16 +254,7 @@ for case_queries, case_text_mask in random_cases:
 # stand in for the frozen encoder's output.
 
 # %%
-config = QFormerConfig(
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    intermediate_size=64,
-    encoder_width=24,
-    num_query_tokens=4,
-    vocab_size=100,
-    max_position_embeddings=32,
-)
+config = QFormerConfig.small(hidden_size=32, num_layers=2, intermediate_size=64, encoder_width=24, num_query_tokens=4)
 qformer = QFormer(config).eval()
 
 image = torch.randn(1, 9, config.encoder_width)  # 9 "patches"

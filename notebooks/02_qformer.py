@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from matplotlib.patches import FancyBboxPatch
 
 from blip2_lite import Blip2Stage1, QFormer, QFormerConfig, attention_mask, draw_mask
+from blip2_lite.parameters import count_parameters
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # this chapter only runs forward passes
@@ -167,22 +168,14 @@ plt.show()
 # %% [markdown]
 # ## 3. A small Q-Former to compute with
 #
-# The full model has 186M parameters; for the numbers we use a miniature with the same structure:
-# 4 layers (so cross-attention in layers 0 and 2), 8 queries, width 64, image features of width 48.
+# The full model has 186M parameters; for the numbers we use a miniature with the same structure,
+# the course's running example `QFormerConfig.small()`: 4 layers (so cross-attention in layers 0
+# and 2), 8 queries, width 64, image features of width 48 (and here a vocabulary of 200 words).
 # `.eval()` turns dropout off, so every pass is deterministic. The batch holds 3 images of
 # 10 tokens each and 3 captions of 6 tokens; the second caption is 4 tokens long plus 2 padding tokens.
 
 # %%
-config = QFormerConfig(
-    hidden_size=64,
-    num_layers=4,
-    num_heads=4,
-    intermediate_size=128,
-    encoder_width=48,
-    num_query_tokens=8,
-    vocab_size=200,
-    max_position_embeddings=32,
-)
+config = QFormerConfig.small(vocab_size=200)
 qformer = QFormer(config).eval()
 
 batch_size, num_image_tokens, text_len = 3, 10, 6
@@ -396,10 +389,6 @@ print(f"largest change of a query output caused by the text: {change:.3f}")
 # `LayerNorm(n)` has `2n`).
 
 # %%
-def count(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 def linear(fan_in, fan_out):
     """Parameters of nn.Linear(fan_in, fan_out): weight and bias."""
     return fan_in * fan_out + fan_out
@@ -407,15 +396,17 @@ def linear(fan_in, fan_out):
 
 layers = full_qformer.layers
 groups = {
-    "self-attention": sum(count(layer.self_attn) for layer in layers),
-    "cross-attention": sum(count(layer.cross_attn) for layer in layers if layer.cross_attn is not None),
-    "query FFN": sum(count(layer.query_ffn) for layer in layers),
-    "text FFN": sum(count(layer.text_ffn) for layer in layers),
-    "word + position embeddings": count(full_qformer.word_embeddings) + count(full_qformer.position_embeddings),
-    "embedding LayerNorm": count(full_qformer.embed_norm),
+    "self-attention": sum(count_parameters(layer.self_attn) for layer in layers),
+    "cross-attention": sum(count_parameters(layer.cross_attn) for layer in layers if layer.cross_attn is not None),
+    "query FFN": sum(count_parameters(layer.query_ffn) for layer in layers),
+    "text FFN": sum(count_parameters(layer.text_ffn) for layer in layers),
+    "word + position embeddings": (
+        count_parameters(full_qformer.word_embeddings) + count_parameters(full_qformer.position_embeddings)
+    ),
+    "embedding LayerNorm": count_parameters(full_qformer.embed_norm),
     "queries": full_qformer.query_tokens.numel(),
 }
-total = count(full_qformer)
+total = count_parameters(full_qformer)
 assert sum(groups.values()) == total
 
 H, W, I, V = full_config.hidden_size, full_config.encoder_width, full_config.intermediate_size, full_config.vocab_size
@@ -454,11 +445,11 @@ plt.show()
 dec_token_id = full_config.vocab_size - 1  # [DEC], the token appended to BERT's vocabulary
 with torch.device("meta"):
     stage1 = Blip2Stage1(full_config, dec_token_id)
-heads = {name: count(module) for name, module in stage1.named_children() if name != "qformer"}
+heads = {name: count_parameters(module) for name, module in stage1.named_children() if name != "qformer"}
 heads["temp"] = stage1.temp.numel()
 for name, n in heads.items():
     print(f"{name:11} {n:>9,}")
-stage1_total = count(stage1)
+stage1_total = count_parameters(stage1)
 print(
     f"stage-1 trainable parameters: {stage1_total / 1e6:.2f}M "
     f"(Q-Former {total / 1e6:.2f}M + heads {sum(heads.values()) / 1e6:.2f}M)"

@@ -35,7 +35,6 @@
 
 # %%
 import math
-import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -87,18 +86,18 @@ def caption_features(images):
     return F.normalize(images[torch.arange(len(images)), described_query] + noise, dim=-1)
 
 
-image_feats = random_images(batch)  # [B, Q, E]
-text_feats = caption_features(image_feats)  # [B, E]
+image_itc = random_images(batch)  # [B, Q, E]
+text_itc = caption_features(image_itc)  # [B, E]
 
 # %% [markdown]
 # Both sides are unit vectors, so a dot product is a cosine. One `einsum` gives the cosine of every
 # query of every image with every caption; the similarity keeps the best query.
 
 # %%
-query_cosines = torch.einsum("iqe,te->itq", image_feats, text_feats)  # [images, texts, queries]
+query_cosines = torch.einsum("iqe,te->itq", image_itc, text_itc)  # [images, texts, queries]
 similarity = query_cosines.amax(dim=-1)  # [images, texts]
 
-assert torch.equal(similarity, losses.itc_similarity(image_feats, text_feats))
+assert torch.equal(similarity, losses.itc_similarity(image_itc, text_itc))
 
 
 # %% [markdown]
@@ -161,9 +160,9 @@ def smoothed_cross_entropy(logits, target_probs, smoothing=LABEL_SMOOTHING):
     return -(smoothed * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
-def itc_loss_by_hand(image_feats, text_feats, temperature, positives):
+def itc_loss_by_hand(image_itc, text_itc, temperature, positives):
     """Symmetric contrastive loss; `positives[i, t]` says caption t belongs to image i."""
-    logits = losses.itc_similarity(image_feats, text_feats) / temperature.clamp(0.001, 0.5)
+    logits = losses.itc_similarity(image_itc, text_itc) / temperature.clamp(0.001, 0.5)
     targets = positives.float() / positives.sum(dim=1, keepdim=True)  # share the mass among positives
     image_to_text = smoothed_cross_entropy(logits, targets)
     text_to_image = smoothed_cross_entropy(logits.t(), targets.t())
@@ -172,8 +171,8 @@ def itc_loss_by_hand(image_feats, text_feats, temperature, positives):
 
 temperature = torch.tensor(0.07)
 one_caption_each = torch.eye(batch, dtype=torch.bool)
-loss_by_hand = itc_loss_by_hand(image_feats, text_feats, temperature, one_caption_each)
-itc = losses.itc_loss(image_feats, text_feats, temperature)
+loss_by_hand = itc_loss_by_hand(image_itc, text_itc, temperature, one_caption_each)
+itc = losses.itc_loss(image_itc, text_itc, temperature)
 print(f"ITC loss: by hand {loss_by_hand:.6f}, package {itc.loss:.6f}")
 
 torch.testing.assert_close(itc.loss, loss_by_hand)
@@ -194,8 +193,8 @@ torch.testing.assert_close(
 assert losses.TEMPERATURE_RANGE == (0.001, 0.5)
 for outside, edge in ((5.0, 0.5), (1e-6, 0.001)):
     torch.testing.assert_close(
-        losses.itc_loss(image_feats, text_feats, torch.tensor(outside)).loss,
-        losses.itc_loss(image_feats, text_feats, torch.tensor(edge)).loss,
+        losses.itc_loss(image_itc, text_itc, torch.tensor(outside)).loss,
+        losses.itc_loss(image_itc, text_itc, torch.tensor(edge)).loss,
     )
 
 # %% [markdown]
@@ -208,15 +207,15 @@ for outside, edge in ((5.0, 0.5), (1e-6, 0.001)):
 
 # %%
 image_ids = torch.tensor([0, 0, 1, 2, 3, 3])
-shared_image_feats = random_images(4)[image_ids]  # row i: the image that caption i describes
-shared_text_feats = caption_features(shared_image_feats)
+shared_image_itc = random_images(4)[image_ids]  # row i: the image that caption i describes
+shared_text_itc = caption_features(shared_image_itc)
 same_image = image_ids[:, None] == image_ids[None, :]
 print(same_image.int())
 
-shared = losses.itc_loss(shared_image_feats, shared_text_feats, temperature, image_ids=image_ids)
+shared = losses.itc_loss(shared_image_itc, shared_text_itc, temperature, image_ids=image_ids)
 assert torch.equal(shared.positives, same_image)
 torch.testing.assert_close(
-    shared.loss, itc_loss_by_hand(shared_image_feats, shared_text_feats, temperature, same_image)
+    shared.loss, itc_loss_by_hand(shared_image_itc, shared_text_itc, temperature, same_image)
 )
 
 # %% [markdown]
@@ -227,7 +226,7 @@ torch.testing.assert_close(
 # size 1; the package keeps the batch dimension.) ITM, below, is a different story.
 
 # %%
-single = losses.itc_loss(image_feats[:1], text_feats[:1], temperature)
+single = losses.itc_loss(image_itc[:1], text_itc[:1], temperature)
 assert single.sim_i2t.shape == (1, 1)
 assert single.loss.item() == 0.0
 
@@ -455,20 +454,17 @@ torch.testing.assert_close(losses.itg_loss(scrambled, itg_labels), loss_by_hand)
 # 3. one causal pass over the `[DEC]` captions, reusing the image pass's query keys and values
 #    (exact, since under the ITG mask queries never attend to text; chapter 2 checks it).
 #
-# We use a tiny Q-Former and 8 random "images" of 16 feature vectors of width 48, standing in for
-# the frozen encoder's output, each with a random 6-to-12-token caption. Two settings differ from
-# the paper's, both because this model is tiny and the batch fixed: weights start with standard
-# deviation 0.07 instead of BERT's 0.02 (0.02 suits width 768; at width 64 we scale it by
-# $\sqrt{768/64}$ to keep activations at BERT's scale), and dropout is off (on one fixed batch there
-# is nothing to regularise; dropout would only blur the curves).
+# We use the small Q-Former of chapter 2 (`QFormerConfig.small`, here with the 120-word vocabulary)
+# and 8 random "images" of 16 feature vectors of width 48, standing in for the frozen encoder's
+# output, each with a random 6-to-12-token caption. Two settings differ from the paper's, both
+# because this model is tiny and the batch fixed: weights start with standard deviation 0.07
+# instead of BERT's 0.02 (0.02 suits width 768; at width 64 we scale it by $\sqrt{768/64}$ to keep
+# activations at BERT's scale), and dropout is off (on one fixed batch there is nothing to
+# regularise; dropout would only blur the curves).
 
 # %%
 torch.manual_seed(0)
-config = QFormerConfig(
-    hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128, encoder_width=48,
-    num_query_tokens=8, vocab_size=vocab_size, max_position_embeddings=32,
-    initializer_range=0.07, hidden_dropout=0.0, attention_dropout=0.0,
-)
+config = QFormerConfig.small(vocab_size=vocab_size, initializer_range=0.07, hidden_dropout=0.0, attention_dropout=0.0)
 model = Blip2Stage1(config, dec_token_id=DEC)
 
 batch, image_tokens, text_len = 8, 16, 12
@@ -559,7 +555,7 @@ assert abs(final["ITC"] - floors["ITC"]) < 0.05
 assert final["ITM"] < 0.5 * label_ratio_entropy  # below the plateau: it tells matching pairs apart
 
 # %% [markdown]
-# ## Summary: the three losses
+# ## Summary
 #
 # * **ITC**: max over queries of the query-caption cosine, divided by a clamped learnable temperature;
 #   symmetric cross-entropy with label smoothing 0.1; all captions of one image are positives.
@@ -568,121 +564,5 @@ assert final["ITM"] < 0.5 * label_ratio_entropy  # below the plateau: it tells m
 # * **ITG**: `[DEC]` instead of `[CLS]`, padding labelled -100, next-token cross-entropy with label
 #   smoothing 0.1.
 #
-# ---
-#
-# ## 5. Stage 1 for real: the lite world
-#
-# Now the same model on real data. Chapter 0 built the lite world: 3000 training scenes of coloured
-# shapes with 5 captions each, their frozen EfficientNet-Lite0 features (cached: the encoder is
-# frozen, so there is nothing to recompute), and the MiniLM BERT that initialises the Q-Former.
-# Every step runs all three objectives on a batch of distinct images, exactly as above; only the
-# scale differs. The `course` preset is what a 2-core CPU can afford inside this course: a few
-# minutes of training. The `long` preset (`python -m blip2_lite stage1 --preset long`) trains ten
-# times longer for better numbers.
-#
-# Two things make the step cheap enough (`benchmarks/stage1_step.py` measures them against a naive
-# step): the frozen encoder is out of the loop (cached features), and the Q-Former computes each
-# image's cross-attention keys/values once for all 3B ITM pairs and lets ITG reuse the queries'
-# keys/values from the image pass.
-#
-# Training is resumable: checkpoints (model, optimizer, scheduler, every RNG state) are written
-# every 50 steps, and re-running this cell continues an interrupted run, or, once finished,
-# just loads it.
-
-# %%
-from blip2_lite.data import chance_levels
-from blip2_lite.train import STAGE1_PRESETS, load_lite_world, plot_history, run_stage1
-
-world = load_lite_world()
-preset = STAGE1_PRESETS["course"]
-print(preset)
-model, stage1_history, test_metrics = run_stage1("course", world=world)
-
-# %% [markdown]
-# The training losses and the validation recall (ITC retrieval R@1 on the 300 validation images,
-# measured every 50 steps):
-
-# %%
-plot_history(stage1_history, "stage 1 (course preset)")
-plt.show()
-
-# %%
-def window_mean(values, start, length=20):
-    return float(np.mean(values[start : start + length] if start >= 0 else values[start:]))
-
-
-for name in ("itc", "itm", "itg"):
-    values = stage1_history.losses[name]
-    first, last = window_mean(values, 0), window_mean(values, -20)
-    print(f"{name}: {first:.3f} -> {last:.3f}")
-    assert last < first, f"{name} did not fall"
-assert stage1_history.metrics["i2t_r1"][-1] > stage1_history.metrics["i2t_r1"][0]
-
-# %% [markdown]
-# ## 6. Retrieval on the test split
-#
-# 500 unseen test images, 2500 captions. Retrieval ranks by the ITC similarity (max over queries
-# of the cosine); then ITM re-scores each query's top-k candidates (score = ITM match logit + ITC
-# cosine, as in LAVIS). Besides the exact recall (the caption's own image), the *semantic* R@1
-# counts a top result whose content fits the caption: a few captions describe several test
-# images (chapter 0), which caps exact text->image recall.
-
-# %%
-chance = chance_levels(world.dataset)
-rows = [
-    ("image -> text R@1", "i2t_r1", "i2t_R@1"),
-    ("image -> text R@5", "i2t_r5", "i2t_R@5"),
-    ("text -> image R@1", "t2i_r1", "t2i_R@1"),
-    ("text -> image R@5", "t2i_r5", "t2i_R@5"),
-    ("image -> text semantic R@1", "i2t_semantic_r1", None),
-    ("text -> image semantic R@1", "t2i_semantic_r1", None),
-]
-print(f"{'metric':28s} {'ITC':>7s} {'+ITM re-rank':>13s} {'chance':>7s}")
-for label, key, chance_key in rows:
-    chance_value = f"{chance[chance_key]:6.1f}%" if chance_key else "      -"
-    print(f"{label:28s} {test_metrics[key]:6.1f}% {test_metrics['itm_' + key]:12.1f}% {chance_value}")
-
-# %%
-for direction in ("i2t", "t2i"):
-    assert test_metrics[f"{direction}_r1"] > 10 * chance[f"{direction}_R@1"], f"{direction} R@1 is not far above chance"
-    assert test_metrics[f"{direction}_r5"] > 5 * chance[f"{direction}_R@5"], f"{direction} R@5 is not far above chance"
-
-# %% [markdown]
-# What the numbers say: after a few minutes on a CPU, ITC already retrieves the right caption
-# far more often than chance. ITM has had the same few hundred steps; whether its re-ranking helps
-# yet is an empirical question, which the table above answers for this run rather than assumes.
-#
-# Some examples: test images with their three best captions by ITC, two whose best caption is
-# right and two whose best caption is wrong (the first of each kind in the test split). ✓ marks one
-# of the image's own captions, ≈ a caption written for another image that fits this one too, ✗ a
-# wrong one. The misses are instructive: look at which attribute the model confuses.
-
-# %%
-from blip2_lite.data import caption_holds
-from blip2_lite.evaluate import itc_embeddings
-from blip2_lite.losses import itc_similarity
-
-test_split, test_data = world.dataset["test"], world.splits["test"]
-ids, mask, text_image = test_data.flat_texts()
-image_feats, text_feats = itc_embeddings(model, test_data.features, ids, mask)
-scores = itc_similarity(image_feats, text_feats)
-all_captions = [c for per_image in test_split["captions"] for c in per_image]
-all_facts = [f for per_image in test_split["caption_facts"] for f in per_image]
-
-top1_is_own = text_image[scores.argmax(dim=1)] == torch.arange(len(scores))
-hits = torch.nonzero(top1_is_own).flatten()[:2].tolist()
-misses = torch.nonzero(~top1_is_own).flatten()[:2].tolist()
-
-fig, axes = plt.subplots(1, 4, figsize=(16, 5.2))
-for ax, image_index in zip(axes, hits + misses):
-    objects = test_split[image_index]["objects"]
-    ax.imshow(test_split[image_index]["image"])
-    ax.axis("off")
-    lines = []
-    for text_index in scores[image_index].topk(3).indices.tolist():
-        own = int(text_image[text_index]) == image_index
-        mark = "✓" if own else ("≈" if caption_holds(all_facts[text_index], objects) else "✗")
-        lines.append(f"{mark} {textwrap.fill(all_captions[text_index], 40)}")
-    ax.set_title("\n".join(lines), fontsize=8, loc="left")
-fig.tight_layout()
-plt.show()
+# Trained together on one batch, all three fall (section 4). The next chapter trains the same model
+# in the lite world and measures what it has learned by retrieval on unseen images.
