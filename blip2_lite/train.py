@@ -42,6 +42,9 @@ class TrainConfig:
     bf16: bool = True  # autocast to bfloat16 (CUDA, and CPUs: there the backward pass ran ~1.8x faster)
 
     def __post_init__(self):
+        if self.lr <= 0 or self.weight_decay < 0 or self.checkpoint_every < 1 or self.eval_every < 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, checkpoint_every >= 1 and eval_every >= 0, got "
+                             f"{self.lr}, {self.weight_decay}, {self.checkpoint_every} and {self.eval_every}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
         if not 0 <= self.warmup_steps <= self.steps:

@@ -290,3 +290,28 @@ def test_the_cli_ends_a_failure_with_one_line(tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "delete it" in err
+
+
+# -- encoders, configs and metrics ----------------------------------------------------------------------
+
+
+def test_encoder_and_config_mistakes_are_named():
+    from blip2_lite.encoders.timm_encoder import FrozenImageEncoder
+    from blip2_lite.evaluate.captioning import caption_scores
+
+    with pytest.raises(ValueError, match="no_such_model"):
+        FrozenImageEncoder("no_such_model", pretrained=False)
+    with pytest.raises(ValueError, match="feature_layer=99"):
+        FrozenImageEncoder(feature_layer=99, pretrained=False)
+    with pytest.raises(ValueError, match="image_size"):
+        FrozenImageEncoder(image_size=0, pretrained=False)
+    with pytest.raises(TypeError, match="pixel_values.*uint8"):
+        FrozenImageEncoder(pretrained=False)(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="lr > 0"):
+        TrainConfig(steps=1, batch_size=1, lr=-1.0)
+    with pytest.raises(ValueError, match="at least one image"):
+        caption_scores([], [])
+    with pytest.raises(ValueError, match=r"references\[0\]"):
+        caption_scores(["a"], [[]])
+    with pytest.raises(TypeError, match=r"predictions\[0\]"):
+        caption_scores([3], [["a"]])

@@ -146,6 +146,8 @@ def from_pretrained(name_or_path: str | Path, dtype: torch.dtype | None = None, 
     to the frozen image encoder and LLM (fp16/bf16 on a GPU; FlanT5 needs bf16); the Q-Former and
     projection stay in fp32.
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
     path = resolve_checkpoint(name_or_path)
     config = read_config(path)
     architecture = (config.get("architectures") or [""])[0]

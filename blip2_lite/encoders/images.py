@@ -115,6 +115,8 @@ def check_pixels(pixels, image_size: int | None = None, name: str = "pixel_value
     if not isinstance(pixels, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor [batch, 3, height, width], got {type(pixels).__name__}; "
                         "pass raw images as images=... (or through the encoder's preprocess)")
+    if not pixels.is_floating_point():
+        raise TypeError(f"{name} must be normalised floats (the encoder's preprocess makes them), got {pixels.dtype}")
     if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
         raise ValueError(f"{name} must be [batch >= 1, 3, height, width], got shape {tuple(pixels.shape)}")
     if image_size is not None and tuple(pixels.shape[-2:]) != (image_size, image_size):

@@ -36,6 +36,10 @@ class FrozenImageEncoder(nn.Module):
         super().__init__()
         self.model_name, self.feature_layer, self.image_size = model_name, feature_layer, image_size
         self.pretrained = pretrained
+        if not timm.is_model(model_name):
+            raise ValueError(f"timm has no model {model_name!r} (timm.list_models() lists them)")
+        if not isinstance(image_size, int) or image_size < 32:
+            raise ValueError(f"image_size must be an integer >= 32 pixels, got {image_size!r}")
         if pretrained and model_name == "tf_efficientnet_lite0":
             self.model = timm.create_model(model_name, pretrained=False)
             load_lite0_imagenet(self.model, torch.load(lite0_weights_path(), map_location="cpu", weights_only=True))
@@ -60,7 +64,11 @@ class FrozenImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
 
-        _, self.num_tokens, self.feature_dim = self(torch.zeros(1, 3, image_size, image_size)).shape
+        try:
+            _, self.num_tokens, self.feature_dim = self(torch.zeros(1, 3, image_size, image_size)).shape
+        except (AssertionError, IndexError, RuntimeError) as e:  # timm rejects the layer or size deep inside
+            raise ValueError(f"{model_name} cannot give feature_layer={feature_layer} at image_size={image_size}: "
+                             f"{e}") from e
 
     def train(self, mode=True):
         return super().train(False)  # frozen: BatchNorm statistics and dropout never change

@@ -20,8 +20,14 @@ def unigram_f1(prediction: str, reference: str) -> float:
 def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
     """A simple token-level score, no Java needed (``coco_caption`` has BLEU/CIDEr): per image the best
     unigram F1 over its references, and the share of captions that equal one of them exactly (in %)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} images")
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"need one prediction per image and at least one image, got {len(predictions)} predictions "
+                         f"for {len(references)} images")
+    for i, (p, refs) in enumerate(zip(predictions, references)):
+        if not isinstance(p, str):
+            raise TypeError(f"predictions[{i}] must be a string, got {type(p).__name__}")
+        if isinstance(refs, str) or not refs or not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"references[{i}] must be a non-empty list of strings")
     f1 = [max(unigram_f1(p, r) for r in refs) for p, refs in zip(predictions, references)]
     exact = [any(p.strip().lower() == r.lower() for r in refs) for p, refs in zip(predictions, references)]
     return {"unigram_f1": 100 * sum(f1) / len(f1), "exact": 100 * sum(exact) / len(exact)}
