@@ -309,9 +309,9 @@ def test_encoder_and_config_mistakes_are_named():
         FrozenImageEncoder(pretrained=False)(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
     with pytest.raises(ValueError, match="lr > 0"):
         TrainConfig(steps=1, batch_size=1, lr=-1.0)
-    with pytest.raises(ValueError, match="at least one image"):
+    with pytest.raises(ValueError, match="predictions is empty"):
         caption_scores([], [])
     with pytest.raises(ValueError, match=r"references\[0\]"):
         caption_scores(["a"], [[]])
-    with pytest.raises(TypeError, match=r"predictions\[0\]"):
+    with pytest.raises(ValueError, match=r"predictions\[0\]"):
         caption_scores([3], [["a"]])

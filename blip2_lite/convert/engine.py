@@ -31,23 +31,11 @@ Rule = tuple[str, Target]
 
 
 def prefixed(rules: list[Rule], pattern_prefix: str, key_prefix: str = "") -> list[Rule]:
-    """The same rules for keys under ``pattern_prefix`` (a regex), their targets under ``key_prefix``."""
-    out = []
-    for pattern, target in rules:
-        if isinstance(target, str):
-            target = key_prefix + target
-        elif callable(target):
-            target = _prefix_outputs(target, key_prefix)
-        out.append((pattern_prefix + pattern, target))
-    return out
-
-
-def _prefix_outputs(fn, key_prefix: str):
-    def prefixed_fn(match, tensor):
-        out = fn(match, tensor)
-        return None if out is None else {key_prefix + k: v for k, v in out.items()}
-
-    return prefixed_fn
+    """The same renaming rules (string or SKIP targets) for keys under ``pattern_prefix`` (a regex),
+    their targets under ``key_prefix``."""
+    if any(callable(target) for _, target in rules):
+        raise ValueError("prefixed() takes renaming rules only: a callable target names its own keys")
+    return [(pattern_prefix + pattern, target if target is SKIP else key_prefix + target) for pattern, target in rules]
 
 
 def convert(state: dict[str, torch.Tensor], rules: list[Rule], what: str, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -7,6 +7,29 @@ from __future__ import annotations
 from collections import Counter
 
 
+def check_captions(predictions, references) -> None:
+    """ValueError naming the argument (and index) that is not one prediction and >= 1 references per image."""
+    for name, value in (("predictions", predictions), ("references", references)):
+        if isinstance(value, str) or not hasattr(value, "__len__"):
+            raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+    if len(predictions) != len(references):
+        raise ValueError(f"predictions has {len(predictions)} captions but references has {len(references)} "
+                         "lists: one list of references per prediction")
+    if len(predictions) == 0:
+        raise ValueError("predictions is empty: nothing to score")
+    for i, prediction in enumerate(predictions):
+        if not isinstance(prediction, str):
+            raise ValueError(f"predictions[{i}] must be a string, got {type(prediction).__name__}")
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or not isinstance(refs, (list, tuple)):
+            raise ValueError(f"references[{i}] must be a list of strings, got {type(refs).__name__}")
+        if len(refs) == 0:
+            raise ValueError(f"references[{i}] is empty: every prediction needs at least one reference")
+        for j, ref in enumerate(refs):
+            if not isinstance(ref, str):
+                raise ValueError(f"references[{i}][{j}] must be a string, got {type(ref).__name__}")
+
+
 def unigram_f1(prediction: str, reference: str) -> float:
     """Word-overlap F1 (bag of words with counts) between two lower-cased texts."""
     pred, ref = Counter(prediction.lower().split()), Counter(reference.lower().split())
@@ -20,14 +43,7 @@ def unigram_f1(prediction: str, reference: str) -> float:
 def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
     """A simple token-level score, no Java needed (``coco_caption`` has BLEU/CIDEr): per image the best
     unigram F1 over its references, and the share of captions that equal one of them exactly (in %)."""
-    if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"need one prediction per image and at least one image, got {len(predictions)} predictions "
-                         f"for {len(references)} images")
-    for i, (p, refs) in enumerate(zip(predictions, references)):
-        if not isinstance(p, str):
-            raise TypeError(f"predictions[{i}] must be a string, got {type(p).__name__}")
-        if isinstance(refs, str) or not refs or not all(isinstance(r, str) for r in refs):
-            raise ValueError(f"references[{i}] must be a non-empty list of strings")
+    check_captions(predictions, references)
     f1 = [max(unigram_f1(p, r) for r in refs) for p, refs in zip(predictions, references)]
     exact = [any(p.strip().lower() == r.lower() for r in refs) for p, refs in zip(predictions, references)]
     return {"unigram_f1": 100 * sum(f1) / len(f1), "exact": 100 * sum(exact) / len(exact)}

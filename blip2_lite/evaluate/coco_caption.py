@@ -19,35 +19,14 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from .captioning import check_captions
+
 SCORERS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr")
 SPICE_NOTE = ("SPICE is not reported: pycocoevalcap's SPICE downloads Stanford CoreNLP 3.6.0 on first use, "
               "which this offline evaluation cannot do.")
 JAVA_NOTE = ("the COCO caption metrics need Java (PTBTokenizer and METEOR are Java programs) and no `java` is on "
              "the PATH: install a Java runtime, e.g. `apt-get install openjdk-17-jre-headless` or "
              "`conda install -c conda-forge openjdk`")
-
-
-def _check(predictions, references) -> None:
-    """ValueError naming the argument (and index) that is not one prediction and >= 1 references per image."""
-    for name, value in (("predictions", predictions), ("references", references)):
-        if isinstance(value, str) or not hasattr(value, "__len__"):
-            raise ValueError(f"{name} must be a list, got {type(value).__name__}")
-    if len(predictions) != len(references):
-        raise ValueError(f"predictions has {len(predictions)} captions but references has {len(references)} "
-                         "lists: one list of references per prediction")
-    if len(predictions) == 0:
-        raise ValueError("predictions is empty: nothing to score")
-    for i, prediction in enumerate(predictions):
-        if not isinstance(prediction, str):
-            raise ValueError(f"predictions[{i}] must be a string, got {type(prediction).__name__}")
-    for i, refs in enumerate(references):
-        if isinstance(refs, str) or not isinstance(refs, (list, tuple)):
-            raise ValueError(f"references[{i}] must be a list of strings, got {type(refs).__name__}")
-        if len(refs) == 0:
-            raise ValueError(f"references[{i}] is empty: every prediction needs at least one reference")
-        for j, ref in enumerate(refs):
-            if not isinstance(ref, str):
-                raise ValueError(f"references[{i}][{j}] must be a string, got {type(ref).__name__}")
 
 
 def _one_line(text: str) -> str:
@@ -79,7 +58,7 @@ def coco_caption_scores(predictions: list[str], references: list[list[str]], met
     penalty is computed over the corpus. ``metrics`` picks scorers from ``SCORERS``; METEOR is the
     slow one (its Java process loads a paraphrase table). SPICE is never reported (``SPICE_NOTE``).
     """
-    _check(predictions, references)
+    check_captions(predictions, references)
     if "SPICE" in metrics:
         raise ValueError(SPICE_NOTE)
     unknown = set(metrics) - set(SCORERS)

@@ -11,7 +11,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import write_json
-from ..devices import to_device
 from ..evaluate.captioning import caption_image_gap, caption_scores
 from ..evaluate.vqa import vqa_scores
 from ..families import llm_family
@@ -77,9 +76,9 @@ def stage2_val_loss(model, features: torch.Tensor, captions: list[list[str]], nu
     """Mean language-modelling loss on the first caption of the first ``num_images`` images (the
     whole caption as target, for either family): a cheap, fixed validation signal."""
     texts = [per_image[0] for per_image in captions[:num_images]]
-    tokens = to_device(language_batch(model.tokenizer, [""] * len(texts), texts, model.encoder_decoder).__dict__,
-                       model.language_projection.weight.device)
-    out = model(tokens["input_ids"], tokens["attention_mask"], labels=tokens["labels"],
+    tokens = language_batch(model.tokenizer, [""] * len(texts), texts, model.encoder_decoder)
+    device = model.language_projection.weight.device
+    out = model(tokens.input_ids.to(device), tokens.attention_mask.to(device), labels=tokens.labels.to(device),
                 image_features=features[: len(texts)])
     return out.loss.item()
 
