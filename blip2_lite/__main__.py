@@ -1,15 +1,19 @@
-"""Command line: ``python -m blip2_lite stage1 --preset course`` / ``stage2 --family opt --preset course``.
+"""Command line: ``python -m blip2_lite stage1 --preset course`` / ``stage2 --family opt --preset course`` / ``course``.
 
-Runs the same functions as the notebooks (``blip2_lite.lite.run_stage1`` / ``run_stage2``):
-generates the shapes world, its frozen features and the lite LLMs if they are not cached, trains
-(resuming an interrupted run in the same run directory), and prints the test metrics.
+``stage1`` and ``stage2`` run the same functions as the notebooks (``blip2_lite.lite.run_stage1`` /
+``run_stage2``): they generate the shapes world, its frozen features and the lite LLMs if they are
+not cached, train (resuming an interrupted run in the same run directory), and print the test
+metrics. ``course`` executes every notebook of the course in order (``blip2_lite.course``),
+skipping chapters an earlier run finished, and prints each chapter's time.
 """
 
 import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
+from .course import CourseError, run_course
 from .families import FAMILIES
 from .lite import STAGE1_PRESETS, STAGE2_PRESETS, run_stage1, run_stage2
 
@@ -27,21 +31,42 @@ def main(argv=None):
                              help="dataset, feature, LLM and run caches (default: blip2_lite.lite.paths.cache_root())")
         command.add_argument("--run-dir", default=None, help="checkpoints and metrics (default ROOT/runs/STAGE-...-HASH)")
         command.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:1, ...")
+    course = commands.add_parser("course", help="execute every notebook in order; a rerun resumes where the last one stopped")
+    course.add_argument("--notebooks", default=None, help="folder of the NN_*.ipynb chapters (default REPO/notebooks)")
+    course.add_argument("--out", default=None, help="executed notebooks and course_state.json (default REPO/build/course)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lite world never needs a hub
     try:
-        if args.command == "stage1":
+        if args.command == "course":
+            out = args.out or _repo_root() / "build" / "course"
+            times = run_course(args.notebooks or _repo_root() / "notebooks", out)
+        elif args.command == "stage1":
             _, _, metrics = run_stage1(args.preset, root=args.root, run_dir=args.run_dir, device=args.device)
         else:
             _, _, metrics = run_stage2(args.family, args.preset, root=args.root, run_dir=args.run_dir,
                                        device=args.device)
+    except CourseError as e:  # already one line naming the chapter, the cell and the error
+        parser.exit(2, f"error: {e}\n")
     except (ValueError, TypeError, OSError, ArithmeticError) as e:  # our errors name their cause: one line, no traceback
         parser.exit(2, f"error: {type(e).__name__}: {e}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "interrupted: run the same command again to resume from the last checkpoint\n")
-    print(json.dumps(metrics, indent=1))
+        where = "the interrupted chapter (its training from its last checkpoint)" if args.command == "course" \
+            else "the last checkpoint"
+        parser.exit(130, f"interrupted: run the same command again to resume from {where}\n")
+    if args.command == "course":
+        width = max(map(len, times))
+        print("\n".join(f"{name:<{width}}  {seconds:8.1f} s" for name, seconds in times.items()))
+        print(f"course done: executed notebooks are in {out}")
+    else:
+        print(json.dumps(metrics, indent=1))
     sys.stdout.flush()
+
+
+def _repo_root() -> Path:
+    """The checkout this package lives in (where pyproject.toml is), else the current folder."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
 
 if __name__ == "__main__":

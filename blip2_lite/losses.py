@@ -144,9 +144,11 @@ def sample_hard_negatives(
 
     Negatives are drawn from ``softmax(ITC similarity)`` with the positives masked out, so a
     candidate that the contrastive head finds confusable is drawn more often (a hard negative),
-    yet every non-positive has a chance. All inputs are ``[B, B]`` over the *local* batch.
+    yet every non-positive has a chance. All inputs are ``[K, B]``: the first K rows of the
+    *local* batch (K = B: all of them) against its B columns; ``positives`` is symmetric (same
+    image id), so its rows serve both directions.
 
-    Returns ``(negative_image_for_text, negative_text_for_image)``, two ``[B]`` index tensors.
+    Returns ``(negative_image_for_text, negative_text_for_image)``, two ``[K]`` index tensors into the B.
     """
     if not bool((~positives).any(dim=1).all()):
         raise ValueError(
@@ -155,7 +157,7 @@ def sample_hard_negatives(
         )
     if not (torch.isfinite(sim_i2t).all() and torch.isfinite(sim_t2i).all()):
         raise FloatingPointError("ITC similarities are not finite: cannot sample ITM negatives")
-    weights_t2i = sim_t2i.float().masked_fill(positives.t(), float("-inf")).softmax(dim=1)
+    weights_t2i = sim_t2i.float().masked_fill(positives, float("-inf")).softmax(dim=1)
     weights_i2t = sim_i2t.float().masked_fill(positives, float("-inf")).softmax(dim=1)
     neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
     neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)

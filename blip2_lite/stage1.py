@@ -43,8 +43,11 @@ class LMHead(nn.Module):
         nn.init.normal_(self.dense.weight, std=config.initializer_range)
         nn.init.zeros_(self.dense.bias)
 
-    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(F.gelu(self.dense(hidden))), word_embeddings, self.bias)
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor, rows: torch.Tensor | None = None):
+        """Logits over the vocabulary, or over the token ids ``rows`` when given (``word_embeddings``
+        then holds those rows only)."""
+        bias = self.bias if rows is None else self.bias[rows]
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), word_embeddings, bias)
 
 
 @dataclass
@@ -68,6 +71,15 @@ class Blip2Stage1(nn.Module):
         embed_dim: width of the contrastive space (256 in the paper).
         vision_layer_norm_eps: eps of the vision LayerNorm (1e-6 in the Hugging Face layout).
         qformer: an already built (e.g. BERT-initialised) Q-Former matching ``config``.
+        itg_vocab: optional token ids that ITG predicts among (default: the whole vocabulary, as in
+            the paper). A world that uses a hundred of BERT's 30,522 words can score ITG over those
+            only: the loss and its gradient then skip the ~99.7% of the vocabulary projection that
+            no caption needs. Labels outside it are ignored.
+        itm_pairs: how many of the batch's (image, text) pairs ITM scores, each with its two hard
+            negatives (default: all, as in the paper). ITM's joint pass costs twice the ITC and ITG
+            passes together at 3 pairs per image; scoring a random part of the batch (batches are
+            shuffled) keeps ITM learning at a fraction of the cost. Negatives are still drawn from
+            the whole batch.
     """
 
     def __init__(
@@ -78,6 +90,8 @@ class Blip2Stage1(nn.Module):
         embed_dim: int = 256,
         vision_layer_norm_eps: float = 1e-6,
         qformer: QFormer | None = None,
+        itg_vocab: torch.Tensor | None = None,
+        itm_pairs: int | None = None,
     ):
         super().__init__()
         if not 0 <= dec_token_id < config.vocab_size:
@@ -96,9 +110,26 @@ class Blip2Stage1(nn.Module):
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.lm_head = LMHead(config)
         self.temp = nn.Parameter(torch.tensor(0.07))
+        if itm_pairs is not None and (not isinstance(itm_pairs, int) or itm_pairs < 1):
+            raise ValueError(f"itm_pairs must be a positive int or None (all pairs), got {itm_pairs!r}")
+        self.itm_pairs = itm_pairs
+        self.register_buffer("itg_vocab", None)  # saved when set: a reloaded run predicts the same set
+        self.register_buffer("itg_position", None, persistent=False)
+        if itg_vocab is not None:
+            self._restrict_itg(itg_vocab)
         for head in (self.vision_proj, self.text_proj, self.itm_head):
             nn.init.normal_(head.weight, std=config.initializer_range)
             nn.init.zeros_(head.bias)
+
+    def _restrict_itg(self, itg_vocab) -> None:
+        ids = torch.as_tensor(itg_vocab)
+        if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.min() < 0 \
+                or ids.max() >= self.config.vocab_size or len(ids.unique()) != len(ids):
+            raise ValueError(f"itg_vocab must be distinct token ids in [0, {self.config.vocab_size}), got {ids}")
+        ids = ids.long().sort().values
+        position = torch.full((self.config.vocab_size,), -100, dtype=torch.long)
+        position[ids] = torch.arange(len(ids))
+        self.itg_vocab, self.itg_position = ids, position
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -128,8 +159,17 @@ class Blip2Stage1(nn.Module):
         return losses.itm_logits(self.itm_head, out.query_output)
 
     def itg_logits(self, text_output: torch.Tensor) -> torch.Tensor:
-        """ITG next-token logits ``[B, T, vocab]`` from the text outputs of a causal pass."""
-        return self.lm_head(text_output, self.qformer.word_embeddings.weight)
+        """ITG next-token logits ``[B, T, vocab]`` from the text outputs of a causal pass (over
+        ``itg_vocab`` only, in its order, when the model was built with one)."""
+        if self.itg_vocab is None:
+            return self.lm_head(text_output, self.qformer.word_embeddings.weight)
+        return self.lm_head(text_output, self.qformer.word_embeddings.weight[self.itg_vocab], self.itg_vocab)
+
+    def itg_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Token-id labels as indices into ``itg_logits``' last dimension (-100 stays ignored)."""
+        if self.itg_vocab is None:
+            return labels
+        return torch.where(labels >= 0, self.itg_position[labels.clamp(min=0)], labels)
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -164,19 +204,20 @@ class Blip2Stage1(nn.Module):
         text_itc = self.itc_text(input_ids, attention_mask)
         itc = losses.itc_loss(image_itc, text_itc, self.temp, image_ids)
 
-        # ITM: hard negatives from the local block of the ITC similarities.
+        # ITM: the first `pairs` pairs, hard negatives from the local block of the ITC similarities.
         rank, _ = losses.distributed_world()
         local = slice(rank * batch, (rank + 1) * batch)
+        pairs = min(batch, self.itm_pairs or batch)
         neg_image, neg_text = losses.sample_hard_negatives(
-            itc.sim_i2t[:, local], itc.sim_t2i[:, local], itc.positives[:, local], generator
+            itc.sim_i2t[:pairs, local], itc.sim_t2i[:pairs, local], itc.positives[:pairs, local], generator
         )
-        text_index, image_index, itm_labels = losses.itm_pairs(batch, neg_image, neg_text)
+        text_index, image_index, itm_labels = losses.itm_pairs(pairs, neg_image, neg_text)
         itm_logits = self.itm_logits(image_embeds, input_ids[text_index], attention_mask[text_index], image_index)
         loss_itm = losses.itm_loss(itm_logits, itm_labels)
 
         # ITG: text attends to the image pass's query keys/values (exact: queries never see text).
         decoder_ids, labels = losses.itg_inputs(input_ids, attention_mask, self.dec_token_id)
         text_pass = self.qformer(decoder_ids, attention_mask, mask="itg", query_past=image_pass.query_past)
-        loss_itg = losses.itg_loss(self.itg_logits(text_pass.text_output), labels)
+        loss_itg = losses.itg_loss(self.itg_logits(text_pass.text_output), self.itg_labels(labels))
 
         return Stage1Output(itc.loss + loss_itm + loss_itg, itc.loss, loss_itm, loss_itg, itc.sim_i2t, itm_logits)

@@ -39,3 +39,10 @@ def test_query_ffn_starts_as_a_copy_and_dec_is_added(loaded):
     assert qformer.config.hidden_size == 384 and qformer.config.num_layers == 6
     # cross-attention in every 2nd layer, random
     assert [layer.cross_attn is not None for layer in qformer.layers] == [True, False] * 3
+
+
+def test_dropout_override():
+    qformer, _ = qformer_from_bert(num_query_tokens=2, encoder_width=16, dropout=0.0)
+    assert qformer.config.hidden_dropout == qformer.config.attention_dropout == 0.0
+    with pytest.raises(ValueError, match="dropout"):
+        qformer_from_bert(num_query_tokens=2, encoder_width=16, dropout=1.0)

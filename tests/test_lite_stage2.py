@@ -9,7 +9,7 @@ import torch
 
 from blip2_lite.families import FAMILIES
 from blip2_lite.lite import presets
-from blip2_lite.lite.presets import STAGE2_PRESETS
+from blip2_lite.lite.presets import STAGE1_PRESETS, STAGE2_PRESETS
 from blip2_lite.lite.stage1_recipe import build_stage1_model
 from blip2_lite.lite.stage2_recipe import (
     build_stage2_model,
@@ -58,7 +58,7 @@ def test_sampler_labels_the_caption_and_nothing_else(world, tmp_path, family):
 
 
 def test_stage2_model_does_not_depend_on_the_global_rng(world, tmp_path):
-    stage1 = build_stage1_model(world, num_query_tokens=4)  # given, as run_stage2 does: no reseeding there
+    stage1 = build_stage1_model(world, STAGE1_PRESETS["smoke"])  # given, as run_stage2 does: no reseeding there
     first = build_stage2_model(world, "t5", stage1, root=tmp_path, progress=False)
     torch.rand(1000)  # as if another family's stage 2 had run before in this process
     second = build_stage2_model(world, "t5", stage1, root=tmp_path, progress=False)
@@ -104,7 +104,7 @@ def test_run_stage2_trains_reports_and_reuses_its_run(world, tmp_path):
 
 
 def test_stage2_presets_and_families_are_checked(world):
-    assert STAGE2_PRESETS["course-no-stage1"].stage1 is None  # the Figure 5 ablation
+    assert STAGE2_PRESETS["course-no-stage1"].skip_stage1  # the Figure 5 ablation
     with pytest.raises(ValueError, match="unknown preset"):
         run_stage2("opt", "huge", world=world)
     with pytest.raises(ValueError, match="unknown LLM family"):

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from blip2_lite import losses
+from blip2_lite import Blip2Stage1, losses
 
-from tiny import tiny_batch, tiny_model
+from tiny import DEC, VOCAB, tiny_batch, tiny_config, tiny_model
 
 WORLD = 2
 PER_RANK = 3
@@ -176,3 +176,35 @@ def test_a_few_steps_lower_every_loss():
     first, last = torch.tensor(history[:3]).mean(0), torch.tensor(history[-3:]).mean(0)
     for name, a, b in zip(("itc", "itm", "itg"), first, last):
         assert b < 0.5 * a, f"{name} did not fall: {a:.3f} -> {b:.3f}"
+
+
+def test_itg_over_a_vocabulary_subset_equals_the_full_head_restricted_to_it():
+    torch.manual_seed(0)
+    full = tiny_model()
+    vocab = torch.tensor([41, 3, 7, 20, DEC])  # any order: kept sorted
+    restricted = Blip2Stage1(full.config, dec_token_id=DEC, itg_vocab=vocab)
+    restricted.load_state_dict(full.state_dict(), strict=False)  # the same weights; itg_vocab stays its own
+    hidden = torch.randn(2, 4, full.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(restricted.itg_logits(hidden), full.itg_logits(hidden)[..., vocab.sort().values])
+    labels = torch.tensor([[41, 3, -100, 5]])  # 5 is outside the subset: ignored, like padding
+    assert restricted.itg_labels(labels).tolist() == [[3, 0, -100, -100]]
+    assert full.itg_labels(labels) is labels
+    # the subset is saved with the model, so a reloaded run predicts over the same words
+    again = Blip2Stage1(full.config, dec_token_id=DEC, itg_vocab=vocab)
+    again.load_state_dict(restricted.state_dict())
+    assert torch.equal(again.itg_vocab, vocab.sort().values)
+    for bad in ([], [3, 3], [-1], [VOCAB], [1.5]):
+        with pytest.raises(ValueError, match="itg_vocab"):
+            Blip2Stage1(full.config, dec_token_id=DEC, itg_vocab=torch.tensor(bad))
+
+
+@pytest.mark.parametrize("itm_pairs", [None, 3, 50])
+def test_itm_on_a_sub_batch_scores_three_pairs_per_chosen_pair(itm_pairs):
+    torch.manual_seed(0)
+    model = Blip2Stage1(tiny_config(), dec_token_id=DEC, itm_pairs=itm_pairs)
+    features, ids, mask = tiny_batch(batch=6)
+    out = model(ids, mask, image_features=features, generator=torch.Generator().manual_seed(0))
+    assert out.itm_logits.shape == (3 * min(6, itm_pairs or 6), 2)
+    with pytest.raises(ValueError, match="itm_pairs"):
+        Blip2Stage1(tiny_config(), dec_token_id=DEC, itm_pairs=0)

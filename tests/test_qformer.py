@@ -64,7 +64,23 @@ def test_padding_does_not_change_real_positions(qformer):
     torch.testing.assert_close(padded.text_output[:, :4], trimmed.text_output, atol=ATOL, rtol=0)
 
 
-def test_attention_weights_are_returned_and_match_sdpa(qformer):
+def test_explicit_attention_equals_pytorch_fused_kernel():
+    """The CPU path (product-softmax-product by hand) against ``F.scaled_dot_product_attention``."""
+    from blip2_lite.qformer import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 8, generator=gen) for n in (6, 9, 9))
+    mask = torch.rand(3, 6, 9, generator=gen) > 0.4
+    mask[..., 0] = True  # every row attends somewhere
+    for m in (None, mask):
+        fused, no_weights = attention(q, k, v, m, explicit=False)
+        explicit, weights = attention(q, k, v, m, explicit=True)
+        assert no_weights is None and weights.shape == (3, 4, 6, 9)
+        torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
+    assert (weights[~mask[:, None].expand_as(weights)] == 0).all()
+
+
+def test_attention_weights_are_returned_and_match_the_plain_pass(qformer):
     features, ids, mask = tiny_batch()
     with torch.no_grad():
         plain = qformer(ids, mask, features, mask="itg")

@@ -68,10 +68,14 @@ def convert_bert(bert_state: dict[str, torch.Tensor], qformer: QFormer) -> dict[
 
 
 def qformer_from_bert(
-    name: str = OFFLINE_BERT, num_query_tokens: int = 32, encoder_width: int = 1408, cross_attention_freq: int = 2
+    name: str = OFFLINE_BERT, num_query_tokens: int = 32, encoder_width: int = 1408, cross_attention_freq: int = 2,
+    dropout: float | None = None,
 ):
     """A Q-Former whose self-attention, feed-forwards (both copies) and embeddings come from a
-    pretrained BERT; cross-attention and queries are random. Returns ``(qformer, tokenizer)``."""
+    pretrained BERT; cross-attention and queries are random. ``dropout`` replaces BERT's hidden and
+    attention dropout (0.1) when given. Returns ``(qformer, tokenizer)``."""
+    if dropout is not None and not 0 <= dropout < 1:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     from transformers import BertModel
     from transformers.utils import logging
 
@@ -90,8 +94,8 @@ def qformer_from_bert(
         vocab_size=len(tokenizer),
         max_position_embeddings=c.max_position_embeddings,
         layer_norm_eps=c.layer_norm_eps,
-        hidden_dropout=c.hidden_dropout_prob,
-        attention_dropout=c.attention_probs_dropout_prob,
+        hidden_dropout=c.hidden_dropout_prob if dropout is None else dropout,
+        attention_dropout=c.attention_probs_dropout_prob if dropout is None else dropout,
         pad_token_id=c.pad_token_id,
     )
     if c.hidden_act != "gelu" or getattr(c, "position_embedding_type", "absolute") != "absolute":

@@ -48,7 +48,7 @@ def extract_features(encoder: FrozenImageEncoder, images, batch_size=64, progres
 
 
 def cached_features(
-    encoder: FrozenImageEncoder, split, split_name: str, dataset_version: str, cache_dir=None
+    encoder: FrozenImageEncoder, split, split_name: str, dataset_version: str, cache_dir=None, progress: bool = True
 ) -> torch.Tensor:
     """``extract_features`` once, then from a safetensors file keyed by everything that changes them."""
     key = {
@@ -67,7 +67,7 @@ def cached_features(
             if f.metadata() == key:  # guards against a hand-copied or renamed file
                 return f.get_tensor("features")
 
-    features = extract_features(encoder, split)
+    features = extract_features(encoder, split, progress=progress)
     with atomic_path(path) as tmp:  # an interrupted run never leaves a truncated file under `path`
         save_file({"features": features.contiguous()}, tmp, metadata=key)
     return features

@@ -14,7 +14,7 @@ from ..evaluate.retrieval import retrieval
 from ..stage1 import Blip2Stage1
 from ..train import train
 from .paths import cache_root
-from .presets import STAGE1_PRESETS, config_digest
+from .presets import STAGE1_PRESETS, Stage1Preset, config_digest
 from .shapes_world import relevance_matrix
 from .world import CaptionedImages, LiteWorld, load_lite_world
 
@@ -44,12 +44,21 @@ def stage1_losses(model, batch: dict, rng: torch.Generator) -> dict[str, torch.T
     return {"loss": out.loss, "itc": out.loss_itc, "itm": out.loss_itm, "itg": out.loss_itg}
 
 
-def build_stage1_model(world: LiteWorld, num_query_tokens: int, seed: int = 0):
-    """Blip2Stage1 over the lite encoder's features, its Q-Former initialised from MiniLM."""
+def world_vocabulary(split: CaptionedImages) -> torch.Tensor:
+    """The token ids that ITG must predict in a split's captions (everything after [CLS])."""
+    return split.input_ids[..., 1:][split.attention_mask[..., 1:].bool()].unique()
+
+
+def build_stage1_model(world: LiteWorld, preset: Stage1Preset, seed: int = 0):
+    """Blip2Stage1 over the lite encoder's features, its Q-Former initialised from MiniLM and built
+    as ``preset`` says (queries, dropout, ITG vocabulary, ITM pairs)."""
     torch.manual_seed(seed)
     width = world.splits["train"].features.shape[-1]
-    qformer, tokenizer = qformer_from_bert(num_query_tokens=num_query_tokens, encoder_width=width)
-    return Blip2Stage1(qformer.config, dec_token_id=tokenizer.bos_token_id, qformer=qformer)
+    qformer, tokenizer = qformer_from_bert(num_query_tokens=preset.num_query_tokens, encoder_width=width,
+                                           dropout=preset.dropout)
+    itg_vocab = world_vocabulary(world.splits["train"]) if preset.world_itg_vocab else None
+    return Blip2Stage1(qformer.config, dec_token_id=tokenizer.bos_token_id, qformer=qformer, itg_vocab=itg_vocab,
+                       itm_pairs=preset.itm_pairs)
 
 
 def retrieval_on(model, split: CaptionedImages, **kwargs) -> dict[str, float]:
@@ -67,7 +76,7 @@ def run_stage1(preset: str = "course", root: str | None = None, run_dir: str | N
     root = Path(root or cache_root())
     run_dir = Path(run_dir or root / "runs" / f"stage1-{preset}-{config_digest(chosen)}")
     world = world or load_lite_world(root, progress=progress)
-    model = build_stage1_model(world, chosen.num_query_tokens, seed=chosen.train.seed)
+    model = build_stage1_model(world, chosen, seed=chosen.train.seed)
     val = world.splits["val"]
     history = train(
         model, stage1_sampler(world.splits["train"], chosen.train.batch_size), stage1_losses, chosen.train, run_dir,

@@ -59,15 +59,15 @@ def stage2_losses(model, batch: dict, rng: torch.Generator) -> dict[str, torch.T
 STAGE2_RUN_VERSION = 2  # bump when a stage-2 run's result changes for the same preset: cached runs are keyed by it
 
 
-def build_stage2_model(world: LiteWorld, family: str, stage1_model=None, num_query_tokens: int = 8,
+def build_stage2_model(world: LiteWorld, family: str, stage1_model=None, stage1_preset: str = "course",
                        root: str | None = None, progress: bool = True, seed: int = 0):
     """``stage2.Blip2`` over the lite world's frozen LLM of ``family``, starting from ``stage1_model``'s
-    Q-Former, or from a Q-Former that skipped stage 1 (MiniLM-initialised) when it is None. The new
-    projection is drawn from ``seed``: without it, it would depend on whatever consumed the global
-    RNG before (in the notebook, the other family's stage 2)."""
+    Q-Former, or, when it is None, from a Q-Former that skipped stage 1 (MiniLM-initialised, built as
+    ``stage1_preset`` builds it). The new projection is drawn from ``seed``: without it, it would
+    depend on whatever consumed the global RNG before (in the notebook, the other family's stage 2)."""
     language_model, tokenizer = load_lite_llm(family, world.dataset, root=root, progress=progress)
     if stage1_model is None:
-        stage1_model = build_stage1_model(world, num_query_tokens, seed=seed)
+        stage1_model = build_stage1_model(world, STAGE1_PRESETS[stage1_preset], seed=seed)
     torch.manual_seed(seed)
     return Blip2.from_stage1(stage1_model, language_model, tokenizer)
 
@@ -106,6 +106,7 @@ def stage2_test_metrics(model, world: LiteWorld, progress: bool = True) -> dict:
     return {
         **caption_scores(captions, split["captions"]),
         "caption_image_gap": caption_image_gap(captions, split["captions"]),
+        "distinct_captions": len(set(captions)),  # a captioner that ignores the image says one thing
         **vqa_scores(answers, flat("answers"), flat("question_types")),
         "examples": [{"caption": c, "references": r} for c, r in zip(captions[:8], split["captions"][:8])],
     }
@@ -123,13 +124,14 @@ def run_stage2(family: str = "opt", preset: str = "course", root: str | None = N
     chosen = STAGE2_PRESETS[preset]
     root = Path(root or cache_root())
     world = world or load_lite_world(root, progress=progress)
-    if stage1_model is None and chosen.stage1 is not None:
+    if stage1_model is None and not chosen.skip_stage1:
         stage1_model, _, _ = run_stage1(chosen.stage1, root, world=world, progress=progress, device=device)
-    stage1_identity = "none" if chosen.stage1 is None else f"{chosen.stage1}-{config_digest(STAGE1_PRESETS[chosen.stage1])}"
+    stage1_identity = f"{chosen.stage1}-{config_digest(STAGE1_PRESETS[chosen.stage1])}"
     llm_identity = llm_cache_dir(family, world.dataset, root).name
     identity = (STAGE2_RUN_VERSION, chosen, stage1_identity, llm_identity)
     run_dir = Path(run_dir or root / "runs" / f"stage2-{family}-{preset}-{config_digest(identity)}")
-    model = build_stage2_model(world, family, stage1_model, root=root, progress=progress, seed=chosen.train.seed)
+    model = build_stage2_model(world, family, stage1_model, chosen.stage1, root=root, progress=progress,
+                               seed=chosen.train.seed)
 
     train_split, val = world.dataset["train"], world.dataset["val"]
     sampler = stage2_sampler(world.splits["train"].features, train_split["captions"], model.tokenizer,

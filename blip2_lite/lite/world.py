@@ -74,6 +74,7 @@ def load_lite_world(root: str | None = None, sizes: dict | None = None, progress
     tokenizer = bert_tokenizer()
     splits = {}
     for name, split in dataset.items():
-        features = cached_features(encoder, split, name, DATASET_VERSION, cache_dir=root / "features")
+        features = cached_features(encoder, split, name, DATASET_VERSION, cache_dir=root / "features",
+                                   progress=progress)
         splits[name] = CaptionedImages(features, *tokenize_captions(tokenizer, split["captions"]))
     return LiteWorld(dataset, splits, tokenizer, encoder)
