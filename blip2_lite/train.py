@@ -225,7 +225,10 @@ def train(
 
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     model.train()
-    bar = tqdm(range(start, end), initial=start, total=config.steps, disable=not progress, desc="train")
+    # At most one refresh every 2 s: in a notebook each refresh is several widget messages, and a
+    # flood of them (one per step) overflowed the kernel's output queue under nbval (400 steps).
+    bar = tqdm(range(start, end), initial=start, total=config.steps, disable=not progress, desc="train",
+               mininterval=2.0)
     for step in bar:
         batch = to_device(sample_batch(run.sampler_rng), device)
         losses = _losses(model, batch, compute_losses, run, config, step, path)
@@ -236,7 +239,7 @@ def train(
         history.lr.append(run.scheduler.get_last_lr()[0])
         history.log(history.losses, {name: value.item() for name, value in losses.items()})
         run.scheduler.step()
-        bar.set_postfix(loss=f"{losses['loss'].item():.3f}")
+        bar.set_postfix(loss=f"{losses['loss'].item():.3f}", refresh=False)  # shown at the next refresh
         done = step + 1
         if evaluate is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
             _validate(model, evaluate, history, done)
