@@ -16,6 +16,7 @@ from pathlib import Path
 from .course import CourseError, run_course
 from .families import FAMILIES
 from .lite import STAGE1_PRESETS, STAGE2_PRESETS, run_stage1, run_stage2
+from .lite.paths import repo_root
 
 
 def main(argv=None):
@@ -39,8 +40,9 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lite world never needs a hub
     try:
         if args.command == "course":
-            out = args.out or _repo_root() / "build" / "course"
-            times = run_course(args.notebooks or _repo_root() / "notebooks", out)
+            checkout = repo_root() or Path.cwd()
+            out = args.out or checkout / "build" / "course"
+            times = run_course(args.notebooks or checkout / "notebooks", out)
         elif args.command == "stage1":
             _, _, metrics = run_stage1(args.preset, root=args.root, run_dir=args.run_dir, device=args.device)
         else:
@@ -61,12 +63,6 @@ def main(argv=None):
     else:
         print(json.dumps(metrics, indent=1))
     sys.stdout.flush()
-
-
-def _repo_root() -> Path:
-    """The checkout this package lives in (where pyproject.toml is), else the current folder."""
-    root = Path(__file__).resolve().parent.parent
-    return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
 
 if __name__ == "__main__":

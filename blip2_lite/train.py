@@ -239,7 +239,7 @@ def train(
         history.lr.append(run.scheduler.get_last_lr()[0])
         history.log(history.losses, {name: value.item() for name, value in losses.items()})
         run.scheduler.step()
-        bar.set_postfix(loss=f"{losses['loss'].item():.3f}", refresh=False)  # shown at the next refresh
+        bar.set_postfix(loss=f"{history.losses['loss'][-1]:.3f}", refresh=False)  # shown at the next refresh
         done = step + 1
         if evaluate is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
             _validate(model, evaluate, history, done)
