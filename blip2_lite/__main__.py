@@ -1,10 +1,11 @@
-"""Command line: ``python -m blip2_lite stage1 --preset course`` / ``stage2 --family opt --preset course`` / ``course``.
+"""Command line: ``python -m blip2_lite {stage1,stage2,course,reproduce}``, e.g. ``stage1 --preset course``.
 
 ``stage1`` and ``stage2`` run the same functions as the notebooks (``blip2_lite.lite.run_stage1`` /
 ``run_stage2``): they generate the shapes world, its frozen features and the lite LLMs if they are
 not cached, train (resuming an interrupted run in the same run directory), and print the test
 metrics. ``course`` executes every notebook of the course in order (``blip2_lite.course``),
-skipping chapters an earlier run finished, and prints each chapter's time.
+skipping chapters an earlier run finished, and prints each chapter's time. ``reproduce`` writes the
+paper's tables in miniature (``blip2_lite.reproduce``).
 """
 
 import argparse
@@ -17,6 +18,7 @@ from .course import CourseError, run_course
 from .families import FAMILIES
 from .lite import STAGE1_PRESETS, STAGE2_PRESETS, run_stage1, run_stage2
 from .lite.paths import repo_root
+from .reproduce import REPRODUCE_PRESETS, reproduce
 
 
 def main(argv=None):
@@ -32,6 +34,11 @@ def main(argv=None):
                              help="dataset, feature, LLM and run caches (default: blip2_lite.lite.paths.cache_root())")
         command.add_argument("--run-dir", default=None, help="checkpoints and metrics (default ROOT/runs/STAGE-...-HASH)")
         command.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:1, ...")
+    tables = commands.add_parser("reproduce", help="the paper's tables in miniature: train what is missing, "
+                                                      "write build/reproduce/report.md")
+    tables.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="course")
+    tables.add_argument("--root", default=None, help="the lite world's caches (default: cache_root())")
+    tables.add_argument("--out", default=None, help="report, plots and results files (default REPO/build/reproduce)")
     course = commands.add_parser("course", help="execute every notebook in order; a rerun resumes where the last one stopped")
     course.add_argument("--notebooks", default=None, help="folder of the NN_*.ipynb chapters (default REPO/notebooks)")
     course.add_argument("--out", default=None, help="executed notebooks and course_state.json (default REPO/build/course)")
@@ -43,6 +50,9 @@ def main(argv=None):
             checkout = repo_root() or Path.cwd()
             out = args.out or checkout / "build" / "course"
             times = run_course(args.notebooks or checkout / "notebooks", out)
+        elif args.command == "reproduce":
+            report = reproduce(args.preset, root=args.root,
+                               out_dir=args.out or (repo_root() or Path.cwd()) / "build" / "reproduce")
         elif args.command == "stage1":
             _, _, metrics = run_stage1(args.preset, root=args.root, run_dir=args.run_dir, device=args.device)
         else:
@@ -60,6 +70,8 @@ def main(argv=None):
         width = max(map(len, times))
         print("\n".join(f"{name:<{width}}  {seconds:8.1f} s" for name, seconds in times.items()))
         print(f"course done: executed notebooks are in {out}")
+    elif args.command == "reproduce":
+        print(f"report written: {report}")
     else:
         print(json.dumps(metrics, indent=1))
     sys.stdout.flush()

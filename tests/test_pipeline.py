@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from blip2_lite.__main__ import main
 from blip2_lite.lite.stage1_recipe import run_stage1
@@ -40,3 +41,17 @@ def test_unknown_preset_is_refused(world):
         run_stage1("huge", world=world)
     with pytest.raises(SystemExit):
         main(["stage1", "--preset", "huge"])
+
+
+def test_the_no_itg_ablation_trains_without_itg(world, tmp_path):
+    from blip2_lite.lite.presets import STAGE1_PRESETS
+    from blip2_lite.lite.stage1_recipe import build_stage1_model, stage1_losses, stage1_sampler
+    from blip2_lite.train import train
+
+    preset = STAGE1_PRESETS["smoke-no-itg"]
+    model = build_stage1_model(world, preset)
+    head = model.lm_head.dense.weight.detach().clone()
+    history = train(model, stage1_sampler(world.splits["train"], 8), stage1_losses, preset.train, tmp_path,
+                    progress=False)
+    assert set(history.losses["itg"]) == {0.0} and min(history.losses["itc"]) > 0
+    assert torch.equal(model.lm_head.dense.weight, head)  # ITG's head gets no gradient (and no weight decay)

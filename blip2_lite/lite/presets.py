@@ -34,6 +34,7 @@ class Stage1Preset:
     dropout: float | None = None  # Q-Former dropout; None keeps BERT's 0.1, as the paper does
     world_itg_vocab: bool = False  # ITG predicts among the world's caption words only
     itm_pairs: int | None = None  # ITM scores this many of the batch's pairs (None: all)
+    itg: bool = True  # train with ITG; False is the paper's ablation of it (Table 6)
 
 
 STAGE1_PRESETS = {
@@ -48,6 +49,10 @@ STAGE1_PRESETS = {
                            dropout=0.0, world_itg_vocab=True, itm_pairs=8),
     # The course's steps with the paper's recipe (BERT's dropout, the whole vocabulary, ITM on every
     # pair): the reference for what the course's deviations change, at 2.9x the time.
+    # The course without ITG: the paper's Table 6 ablation in miniature (``python -m blip2_lite reproduce``).
+    "course-no-itg": Stage1Preset(TrainConfig(steps=400, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
+                                              eval_every=50, checkpoint_every=50), num_query_tokens=8, rerank_k=5,
+                                  dropout=0.0, world_itg_vocab=True, itm_pairs=8, itg=False),
     "paper": Stage1Preset(TrainConfig(steps=400, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
                                       eval_every=50, checkpoint_every=50), num_query_tokens=8, rerank_k=5),
     "long": Stage1Preset(TrainConfig(steps=2000, batch_size=48, lr=3e-4, min_lr=3e-5, warmup_steps=100,
@@ -56,6 +61,9 @@ STAGE1_PRESETS = {
     "smoke": Stage1Preset(TrainConfig(steps=4, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=2,
                                       checkpoint_every=2), num_query_tokens=4, rerank_k=2,
                           dropout=0.0, world_itg_vocab=True, itm_pairs=4),
+    "smoke-no-itg": Stage1Preset(TrainConfig(steps=4, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=2,
+                                             checkpoint_every=2), num_query_tokens=4, rerank_k=2,
+                                 dropout=0.0, world_itg_vocab=True, itm_pairs=4, itg=False),
 }
 
 
@@ -68,18 +76,24 @@ class Stage2Preset:
     train: TrainConfig
     stage1: str = "course"  # the stage-1 preset whose Q-Former stage 2 starts from
     skip_stage1: bool = False  # start instead from an untrained (MiniLM-initialised) Q-Former built like it
+    val_vqa_images: int = 0  # validation also scores zero-shot VQA on this many val images' questions
 
 
 STAGE2_PRESETS = {
+    # Validation every 50 steps includes zero-shot VQA on 100 val images: Figure 5's curve.
     "course": Stage2Preset(TrainConfig(steps=200, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
-                                       eval_every=100, checkpoint_every=100)),
+                                       eval_every=50, checkpoint_every=100), val_vqa_images=100),
     # The paper's Figure 5 ablation: the same training from a Q-Former that skipped stage 1.
     "course-no-stage1": Stage2Preset(TrainConfig(steps=200, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
-                                                 eval_every=100, checkpoint_every=100), skip_stage1=True),
+                                                 eval_every=50, checkpoint_every=100), skip_stage1=True,
+                                     val_vqa_images=100),
     "long": Stage2Preset(TrainConfig(steps=2000, batch_size=48, lr=3e-4, min_lr=3e-5, warmup_steps=100,
-                                     eval_every=250, checkpoint_every=100), stage1="long"),
+                                     eval_every=250, checkpoint_every=100), stage1="long", val_vqa_images=300),
     "smoke": Stage2Preset(TrainConfig(steps=4, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=2,
-                                      checkpoint_every=2), stage1="smoke"),
+                                      checkpoint_every=2), stage1="smoke", val_vqa_images=4),
+    "smoke-no-stage1": Stage2Preset(TrainConfig(steps=4, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=2,
+                                                checkpoint_every=2), stage1="smoke", skip_stage1=True,
+                                    val_vqa_images=4),
 }
 
 

@@ -51,14 +51,14 @@ def world_vocabulary(split: CaptionedImages) -> torch.Tensor:
 
 def build_stage1_model(world: LiteWorld, preset: Stage1Preset, seed: int = 0):
     """Blip2Stage1 over the lite encoder's features, its Q-Former initialised from MiniLM and built
-    as ``preset`` says (queries, dropout, ITG vocabulary, ITM pairs)."""
+    as ``preset`` says (queries, dropout, ITG vocabulary, ITM pairs, ITG)."""
     torch.manual_seed(seed)
     width = world.splits["train"].features.shape[-1]
     qformer, tokenizer = qformer_from_bert(num_query_tokens=preset.num_query_tokens, encoder_width=width,
                                            dropout=preset.dropout)
     itg_vocab = world_vocabulary(world.splits["train"]) if preset.world_itg_vocab else None
     return Blip2Stage1(qformer.config, dec_token_id=tokenizer.bos_token_id, qformer=qformer, itg_vocab=itg_vocab,
-                       itm_pairs=preset.itm_pairs)
+                       itm_pairs=preset.itm_pairs, itg=preset.itg)
 
 
 def retrieval_on(model, split: CaptionedImages, **kwargs) -> dict[str, float]:

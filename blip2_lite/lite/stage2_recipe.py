@@ -94,20 +94,36 @@ def generate_in_batches(model, features: torch.Tensor, prompts: list[str] | None
     return texts
 
 
-def stage2_test_metrics(model, world: LiteWorld, progress: bool = True) -> dict:
-    """Captions (greedy) scored against the test references, and zero-shot VQA with the paper's prompt."""
-    split, features = world.dataset["test"], world.splits["test"].features
-    captions = generate_in_batches(model, features, max_new_tokens=40, progress=progress)
+def zero_shot_vqa(model, split, features: torch.Tensor, progress: bool = False) -> dict[str, float]:
+    """Greedy zero-shot VQA accuracy with the paper's prompt over every question of a shapes-world split."""
     per_image = len(split["questions"][0])
     image_of_question = torch.arange(len(split)).repeat_interleave(per_image)
     prompts = [model.family.vqa_prompt.format(q) for qs in split["questions"] for q in qs]
     answers = generate_in_batches(model, features[image_of_question], prompts, max_new_tokens=5, progress=progress)
     flat = lambda column: [x for per in split[column] for x in per]  # noqa: E731
+    return vqa_scores(answers, flat("answers"), flat("question_types"))
+
+
+def stage2_validation(model, world: LiteWorld, vqa_images: int) -> dict[str, float]:
+    """The validation signal: ``val_loss``, and with ``vqa_images`` the zero-shot VQA accuracy on that
+    many val images (``val_vqa``: the paper's Figure 5 follows it over training)."""
+    val, features = world.dataset["val"], world.splits["val"].features
+    metrics = {"val_loss": stage2_val_loss(model, features, val["captions"])}
+    if vqa_images:
+        n = min(vqa_images, len(val))
+        metrics["val_vqa"] = zero_shot_vqa(model, val.select(range(n)), features[:n])["vqa_overall"]
+    return metrics
+
+
+def stage2_test_metrics(model, world: LiteWorld, progress: bool = True) -> dict:
+    """Captions (greedy) scored against the test references, and zero-shot VQA with the paper's prompt."""
+    split, features = world.dataset["test"], world.splits["test"].features
+    captions = generate_in_batches(model, features, max_new_tokens=40, progress=progress)
     return {
         **caption_scores(captions, split["captions"]),
         "caption_image_gap": caption_image_gap(captions, split["captions"]),
         "distinct_captions": len(set(captions)),  # a captioner that ignores the image says one thing
-        **vqa_scores(answers, flat("answers"), flat("question_types")),
+        **zero_shot_vqa(model, split, features, progress),
         "examples": [{"caption": c, "references": r} for c, r in zip(captions[:8], split["captions"][:8])],
     }
 
@@ -133,11 +149,10 @@ def run_stage2(family: str = "opt", preset: str = "course", root: str | None = N
     model = build_stage2_model(world, family, stage1_model, chosen.stage1, root=root, progress=progress,
                                seed=chosen.train.seed)
 
-    train_split, val = world.dataset["train"], world.dataset["val"]
-    sampler = stage2_sampler(world.splits["train"].features, train_split["captions"], model.tokenizer,
+    sampler = stage2_sampler(world.splits["train"].features, world.dataset["train"]["captions"], model.tokenizer,
                              model.encoder_decoder, chosen.train.batch_size)
     history = train(model, sampler, stage2_losses, chosen.train, run_dir, progress=progress, device=device,
-                    evaluate=lambda m: {"val_loss": stage2_val_loss(m, world.splits["val"].features, val["captions"])})
+                    evaluate=lambda m: stage2_validation(m, world, chosen.val_vqa_images))
     metrics_path = run_dir / "test_metrics.json"
     if metrics_path.exists():
         test_metrics = json.loads(metrics_path.read_text())

@@ -1,0 +1,56 @@
+"""``python -m blip2_lite reproduce`` end to end on a tiny world with the smoke presets: every table,
+the Figure 5 curves, the results files, a claim verdict per table, and a rerun from the command line
+that reuses the cache."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from blip2_lite.__main__ import main
+from blip2_lite.families import FAMILIES
+from blip2_lite.lite import presets, shapes_world
+from blip2_lite.reproduce import reproduce
+
+SIZES = {"train": 24, "val": 8, "test": 8}
+
+
+@pytest.fixture(autouse=True)
+def quick_llms(monkeypatch):
+    for family in sorted(FAMILIES):
+        quick = replace(presets.LLM_TRAIN[family], steps=3, warmup_steps=1, eval_every=3, checkpoint_every=3)
+        monkeypatch.setitem(presets.LLM_TRAIN, family, quick)
+
+
+def test_report_has_every_table_and_a_verdict_per_claim(tmp_path, monkeypatch, capsys):
+    report = reproduce("smoke", root=tmp_path / "cache", out_dir=tmp_path / "out", sizes=SIZES, progress=False)
+    text = report.read_text()
+    for heading in ("Table 1 in miniature", "Table 6 in miniature", "Figure 5 in miniature", "OPT against FlanT5"):
+        assert heading in text
+    assert text.count(" here**: ") == 4  # ITG, ITM re-ranking, Figure 5, OPT vs FlanT5: "holds" or "does not hold"
+    assert (tmp_path / "out" / "figure5.png").stat().st_size > 1000
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for family in FAMILIES:
+        answers = json.loads((tmp_path / "out" / f"answers_{family}.json").read_text())
+        assert len(answers) == 6 * SIZES["test"] and set(answers[0]) == {"question_id", "answer"}
+        captions = json.loads((tmp_path / "out" / f"captions_{family}.json").read_text())
+        assert len(captions) == SIZES["test"] and set(captions[0]) == {"image_id", "caption"}
+        assert 0 <= metrics["results"][family]["CIDEr"] and 0 <= metrics["results"][family]["vqa_overall"] <= 100
+        for label, (steps, values) in metrics["figure5"][family].items():
+            assert steps == [2, 4] and len(values) == 2, label  # val VQA at each validation of stage 2
+    assert metrics["retrieval"] != metrics["retrieval_no_itg"]  # two different stage-1 runs
+
+    first_times = metrics["wall_s"]
+    for split, size in SIZES.items():  # the command line builds the default world: make it this tiny one
+        monkeypatch.setitem(shapes_world.DEFAULT_SIZES, split, size)
+    main(["reproduce", "--preset", "smoke", "--root", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    assert capsys.readouterr().out.strip().endswith("report.md")
+    again = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert again["results"] == metrics["results"]  # cached runs, same decoding: the same numbers
+    assert again["wall_s"]["stage 1"] < first_times["stage 1"]
+
+
+def test_cli_refuses_an_unknown_preset_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", "--preset", "huge"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
