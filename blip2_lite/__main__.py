@@ -21,6 +21,38 @@ from .lite.paths import repo_root
 from .reproduce import REPRODUCE_PRESETS, reproduce
 
 
+def _task(args) -> list[str]:
+    """Run ``caption`` / ``vqa`` / ``retrieve`` / ``attention``; returns the lines to print."""
+    from . import commands
+    from .stage1 import Blip2Stage1
+    from .stage2 import Blip2
+
+    # Bad input fails before a model is loaded (or trained, on first use).
+    images = commands.load_images(args.images if hasattr(args, "images") else [args.image])
+    if args.command == "vqa":
+        commands.check_question(args.question)
+    if args.command == "attention":
+        commands.check_output(args.out)
+    kind = Blip2 if args.command in ("caption", "vqa") else Blip2Stage1
+    model, tokenizer = commands.load_model(kind, args.model, args.preset, getattr(args, "family", "t5"), args.device)
+    if args.command == "caption":
+        return [f"{path}: {text}" for path, text in zip(args.images, commands.caption(model, images))]
+    if args.command == "vqa":
+        return [f"{args.image}: {commands.vqa(model, images[0], args.question)}"]
+    if args.command == "attention":
+        return [f"written: {commands.attention(model, tokenizer, images[0], args.out, args.caption)}"]
+    scores = commands.retrieve(model, tokenizer, images, args.texts)
+    lines = []
+    for i, path in enumerate(args.images):
+        best = int(scores["i2t"][i].argmax())
+        lines.append(f"{path}: best text {args.texts[best]!r} (ITM + ITC {scores['i2t'][i, best]:.3f}, "
+                     f"ITC alone {scores['itc'][i, best]:.3f})")
+    for j, text in enumerate(args.texts):
+        best = int(scores["t2i"][:, j].argmax())
+        lines.append(f"{text!r}: best image {args.images[best]} (ITM + ITC {scores['t2i'][best, j]:.3f})")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m blip2_lite", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +71,25 @@ def main(argv=None):
     tables.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="course")
     tables.add_argument("--root", default=None, help="the lite world's caches (default: cache_root())")
     tables.add_argument("--out", default=None, help="report, plots and results files (default REPO/build/reproduce)")
+    caption = commands.add_parser("caption", help="caption image files")
+    caption.add_argument("images", nargs="+")
+    vqa = commands.add_parser("vqa", help="answer a question about an image file")
+    vqa.add_argument("image")
+    vqa.add_argument("question")
+    retrieve = commands.add_parser("retrieve", help="rank texts for images and images for texts (ITC, then ITM)")
+    retrieve.add_argument("--images", nargs="+", required=True)
+    retrieve.add_argument("--texts", nargs="+", required=True)
+    attention = commands.add_parser("attention", help="draw what the queries look at (with --caption: each word)")
+    attention.add_argument("image")
+    attention.add_argument("--caption", default=None)
+    attention.add_argument("--out", default="attention.png", help="the PNG to write (default attention.png)")
+    for command in (caption, vqa, retrieve, attention):
+        command.add_argument("--model", default=None, help="a Hugging Face BLIP-2 checkpoint or local folder "
+                                                           "(default: the lite model, trained on first use)")
+        command.add_argument("--preset", choices=("course", "smoke"), default="course", help="the lite model's preset")
+        command.add_argument("--device", default="cpu")
+    for command in (caption, vqa):
+        command.add_argument("--family", choices=sorted(FAMILIES), default="t5", help="the lite model's LLM")
     course = commands.add_parser("course", help="execute every notebook in order; a rerun resumes where the last one stopped")
     course.add_argument("--notebooks", default=None, help="folder of the NN_*.ipynb chapters (default REPO/notebooks)")
     course.add_argument("--out", default=None, help="executed notebooks and course_state.json (default REPO/build/course)")
@@ -50,6 +101,8 @@ def main(argv=None):
             checkout = repo_root() or Path.cwd()
             out = args.out or checkout / "build" / "course"
             times = run_course(args.notebooks or checkout / "notebooks", out)
+        elif args.command in ("caption", "vqa", "retrieve", "attention"):
+            lines = _task(args)
         elif args.command == "reproduce":
             report = reproduce(args.preset, root=args.root,
                                out_dir=args.out or (repo_root() or Path.cwd()) / "build" / "reproduce")
@@ -72,6 +125,8 @@ def main(argv=None):
         print(f"course done: executed notebooks are in {out}")
     elif args.command == "reproduce":
         print(f"report written: {report}")
+    elif args.command in ("caption", "vqa", "retrieve", "attention"):
+        print("\n".join(lines))
     else:
         print(json.dumps(metrics, indent=1))
     sys.stdout.flush()

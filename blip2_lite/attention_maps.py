@@ -163,3 +163,20 @@ def overlay(image, heat: torch.Tensor, alpha: float = 0.5, blur_sigma: float = 1
     heat = heat[0, 0].clamp(0, 1).numpy()
     colours = matplotlib.colormaps["jet"](heat)[..., :3]
     return (1 - alpha) * pixels + alpha * colours
+
+
+def plot_maps(image, heats: torch.Tensor, titles: list[str], columns: int = 8, size: float = 1.9):
+    """A row-major grid of ``overlay`` pictures, one per map ``heats [n, H, W]``. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if len(heats) != len(titles):
+        raise ValueError(f"{len(heats)} maps but {len(titles)} titles")
+    rows = math.ceil(len(heats) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, heat, title in zip(axes.flat, heats, titles):
+        ax.imshow(overlay(image, heat))
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig

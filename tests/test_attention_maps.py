@@ -13,6 +13,7 @@ from blip2_lite.attention_maps import (
     itc_best_query,
     itm_gradcam,
     overlay,
+    plot_maps,
     token_grid,
     word_maps,
 )
@@ -149,3 +150,12 @@ def test_word_maps_reach_the_patch_through_the_queries():
     assert torch.allclose(maps.sum(dim=(-1, -2)), torch.ones(3, 6), atol=1e-5)  # a mixture of query maps
     for i, (row, col) in enumerate(targets):
         assert (maps[i].flatten(-2).argmax(dim=-1) == row * grid.width + col).all()
+
+
+def test_plot_maps_draws_one_panel_per_map():
+    image = Image.new("RGB", (32, 32), "white")
+    fig = plot_maps(image, torch.rand(5, 3, 3), [f"q{i}" for i in range(5)], columns=4)
+    titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titled == ["q0", "q1", "q2", "q3", "q4"] and len(fig.axes) == 8
+    with pytest.raises(ValueError, match="titles"):
+        plot_maps(image, torch.rand(2, 3, 3), ["only one"])
