@@ -180,3 +180,27 @@ def plot_maps(image, heats: torch.Tensor, titles: list[str], columns: int = 8, s
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def explore(image, maps: CrossAttentionMaps, index: int = 0):
+    """Sliders for layer, head (-1: the mean over heads) and query over one image's maps, with
+    ipywidgets in a notebook front end; without ipywidgets, the default view (first layer, mean
+    over heads, query 0) drawn once."""
+    import matplotlib.pyplot as plt
+
+    heads, queries = maps.maps.shape[2], maps.maps.shape[3]
+
+    def show(layer: int = maps.layers[0], head: int = -1, query: int = 0):
+        per_head = maps.layer(layer)[index, :, query]
+        heat = per_head.mean(dim=0) if head < 0 else per_head[head]
+        plot_maps(image, heat[None], [f"layer {layer}, {'mean of heads' if head < 0 else f'head {head}'}, "
+                                      f"query {query}"], columns=1, size=3.2)
+        plt.show()
+
+    try:
+        from ipywidgets import Dropdown, IntSlider, interact
+    except ImportError:
+        show()
+        return None
+    return interact(show, layer=Dropdown(options=maps.layers, value=maps.layers[0]),
+                    head=IntSlider(value=-1, min=-1, max=heads - 1), query=IntSlider(value=0, min=0, max=queries - 1))

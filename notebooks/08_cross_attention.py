@@ -39,6 +39,7 @@ import torch
 
 from blip2_lite.attention_maps import (
     cross_attention_maps,
+    explore,
     itc_best_query,
     itm_gradcam,
     plot_maps,
@@ -78,6 +79,13 @@ for layer in (maps.layers[0], maps.layers[-1]):
 plot_maps(image, maps.maps[index, :, :, 0].mean(dim=1), [f"query 0, layer {layer}" for layer in maps.layers],
           columns=len(maps.layers))
 plt.show()
+
+# %% [markdown]
+# To browse every layer, head and query of this image (sliders in JupyterLab; without a widget
+# front end, the first view only):
+
+# %%
+explore(image, maps, index)
 
 # %% [markdown]
 # ## 2. Over the test split: do the queries look at the objects?
@@ -190,15 +198,26 @@ for position, layer in enumerate(maps.layers):
 # ## 6. The same code at full scale
 #
 # For the paper's models, `token_grid` reads ViT-g's layout (one CLS token, then 16 x 16 patches
-# at 224 px) from the encoder, and the rest is unchanged. Online, with a GPU:
-#
-# ```python
-# from blip2_lite.convert.pretrained import from_pretrained
-# blip2 = from_pretrained("Salesforce/blip2-opt-2.7b", dtype=torch.float16, device="cuda")
-# embeds = blip2.image_embeds(blip2.pixels([image]))
-# maps = cross_attention_maps(blip2.qformer, embeds, token_grid(blip2.image_encoder))  # [1, 6, 12, 32, 16, 16]
-# ```
-#
+# at 224 px) from the encoder, and the rest is unchanged. The cell below runs when the retrieval
+# checkpoint `Salesforce/blip2-itm-vit-g` can be had (online, or already in the Hugging Face
+# cache; a GPU makes it quick) and says so when it cannot (offline, as in CI).
+
+# %%
+from blip2_lite.convert.engine import CheckpointError
+from blip2_lite.convert.pretrained import from_pretrained
+
+try:
+    full = from_pretrained("Salesforce/blip2-itm-vit-g", device="cuda" if torch.cuda.is_available() else "cpu")
+except CheckpointError as error:
+    print("skipped, no full-size checkpoint here:", str(error).split(":")[0])
+else:
+    full_embeds = full.image_embeds(full.image_encoder.preprocess([image]).to(next(full.parameters()).device))
+    full_maps = cross_attention_maps(full.qformer, full_embeds, token_grid(full.image_encoder))
+    print("full-size maps:", tuple(full_maps.maps.shape), "for layers", full_maps.layers)  # [1, 6, 12, 32, 16, 16]
+    plot_maps(image, full_maps.maps[0, -1].mean(dim=0)[:8].cpu(), [f"query {q}" for q in range(8)])
+    plt.show()
+
+# %% [markdown]
 # ## Summary
 #
 # - A cross-attention map is `[heads, queries, patches]` of a cross-attention layer, with the

@@ -10,6 +10,7 @@ from blip2_lite import QFormer
 from blip2_lite.attention_maps import (
     TokenGrid,
     cross_attention_maps,
+    explore,
     itc_best_query,
     itm_gradcam,
     overlay,
@@ -159,3 +160,17 @@ def test_plot_maps_draws_one_panel_per_map():
     assert titled == ["q0", "q1", "q2", "q3", "q4"] and len(fig.axes) == 8
     with pytest.raises(ValueError, match="titles"):
         plot_maps(image, torch.rand(2, 3, 3), ["only one"])
+
+
+def test_explore_offers_sliders_and_falls_back_to_one_view(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    grid = TokenGrid(0, 3, 4)
+    maps = cross_attention_maps(synthetic_qformer(), torch.rand(1, grid.num_tokens, 32), grid)
+    image = Image.new("RGB", (24, 24), "white")
+    viewer = explore(image, maps)
+    assert {w.description for w in viewer.widget.children if hasattr(w, "description")} >= {"layer", "head", "query"}
+    monkeypatch.setitem(__import__("sys").modules, "ipywidgets", None)  # as if ipywidgets were missing
+    plt.close("all")
+    assert explore(image, maps) is None and len(plt.get_fignums()) == 1  # the default view, drawn once
+    plt.close("all")
