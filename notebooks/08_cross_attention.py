@@ -76,8 +76,9 @@ queries = model.config.num_query_tokens
 for layer in (maps.layers[0], maps.layers[-1]):
     plot_maps(image, maps.layer(layer)[index].mean(dim=0), [f"layer {layer}, query {q}" for q in range(queries)])
     plt.show()
-plot_maps(image, maps.maps[index, :, :, 0].mean(dim=1), [f"query 0, layer {layer}" for layer in maps.layers],
-          columns=len(maps.layers))
+plot_maps(image, torch.cat([maps.maps[index, :, :, 0].mean(dim=1), maps.maps[index].mean(dim=(1, 2))]),
+          [f"query 0, layer {layer}" for layer in maps.layers] + [f"all queries and heads, layer {layer}"
+                                                                  for layer in maps.layers], columns=len(maps.layers))
 plt.show()
 
 # %% [markdown]
@@ -180,6 +181,25 @@ assert torch.allclose(per_word.sum(dim=(-1, -2)), torch.ones(len(per_word)), ato
 # A word can only mix the queries' maps. Where the queries look alike (section 2), so do the
 # words: in this course-sized model "orange" and "triangle" cannot yet point to different objects.
 # Grad-CAM, which weighs the cross-attention by its effect on the match logit, separates more.
+#
+# How do the maps change with the caption? Below, the same image with its five captions: the
+# Grad-CAM of each, and how far apart the captions' mean word maps are.
+
+# %%
+five = [index * 5 + k for k in range(5)]
+cams, logits = itm_gradcam(model, image_embeds[[index] * 5], ids[five], mask[five], grid)
+per_caption = [word_maps(model, image_embeds[[index]], ids[[c]], mask[[c]], grid)[0, 1:-1].mean(dim=0) for c in five]
+texts = [world.tokenizer.decode(ids[c][mask[c].bool()][1:-1]) for c in five]
+plot_maps(image, cams.maps.sum(dim=(1, 2, 3)), [f"ITM {logit:.2f}: {t[:28]}" for logit, t in zip(logits[:, 1], texts)],
+          columns=5, size=3.0)
+plt.show()
+gap = max((a - b).abs().max().item() for a in per_caption for b in per_caption)
+print(f"largest difference between two captions' mean word maps: {gap:.4f}")
+
+# %% [markdown]
+# In the course-sized model the word maps barely move with the caption (the difference printed
+# above is small next to the 1/49 a uniform map puts on each patch): the queries look alike, so
+# whatever the words, they mix the same maps. Grad-CAM, tied to the ITM logit, moves more.
 
 # %% [markdown]
 # ## 5. After stage 2
