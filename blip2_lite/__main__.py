@@ -1,11 +1,12 @@
-"""Command line: ``python -m blip2_lite {stage1,stage2,course,reproduce}``, e.g. ``stage1 --preset course``.
+"""Command line: ``python -m blip2_lite {stage1,stage2,course,reproduce,train,...}``, e.g. ``stage1 --preset course``.
 
 ``stage1`` and ``stage2`` run the same functions as the notebooks (``blip2_lite.lite.run_stage1`` /
 ``run_stage2``): they generate the shapes world, its frozen features and the lite LLMs if they are
 not cached, train (resuming an interrupted run in the same run directory), and print the test
 metrics. ``course`` executes every notebook of the course in order (``blip2_lite.course``),
 skipping chapters an earlier run finished, and prints each chapter's time. ``reproduce`` writes the
-paper's tables in miniature (``blip2_lite.reproduce``).
+paper's tables in miniature (``blip2_lite.reproduce``). ``train stage1|stage2`` trains at full scale
+on real data from a config file, on one process or under torchrun (``blip2_lite.pretrain.run``).
 """
 
 import argparse
@@ -90,6 +91,16 @@ def main(argv=None):
         command.add_argument("--device", default="cpu")
     for command in (caption, vqa):
         command.add_argument("--family", choices=sorted(FAMILIES), default="t5", help="the lite model's LLM")
+    full = commands.add_parser("train", help="train at full scale on COCO-format or VQAv2 data (torchrun: many processes)")
+    full.add_argument("stage", choices=("stage1", "stage2"))
+    full.add_argument("--config", required=True, help="a TOML run config, or the name of a packaged one: "
+                                                      "stage1_vitg, stage2_opt2.7b, stage2_flant5xl")
+    full.add_argument("--annotations", required=True, help="COCO-format captions (or VQAv2 annotations with --questions)")
+    full.add_argument("--images", required=True, help="the folder the annotation file's image paths are relative to")
+    full.add_argument("--questions", default=None, help="VQAv2 questions (a stage-2 config with task = 'vqa')")
+    full.add_argument("--run-dir", required=True, help="checkpoints and config; the same command again resumes there")
+    full.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK)")
+    full.add_argument("--stop-after", type=int, default=None, help="stop after this many steps in all (resume later)")
     course = commands.add_parser("course", help="execute every notebook in order; a rerun resumes where the last one stopped")
     course.add_argument("--notebooks", default=None, help="folder of the NN_*.ipynb chapters (default REPO/notebooks)")
     course.add_argument("--out", default=None, help="executed notebooks and course_state.json (default REPO/build/course)")
@@ -103,6 +114,11 @@ def main(argv=None):
             times = run_course(args.notebooks or checkout / "notebooks", out)
         elif args.command in ("caption", "vqa", "retrieve", "attention"):
             lines = _task(args)
+        elif args.command == "train":
+            from .pretrain.run import train_run
+
+            history = train_run(int(args.stage[-1]), args.config, args.run_dir, args.annotations, args.images,
+                                args.questions, args.device, args.stop_after)
         elif args.command == "reproduce":
             report = reproduce(args.preset, root=args.root,
                                out_dir=args.out or (repo_root() or Path.cwd()) / "build" / "reproduce")
@@ -125,6 +141,12 @@ def main(argv=None):
         print(f"course done: executed notebooks are in {out}")
     elif args.command == "reproduce":
         print(f"report written: {report}")
+    elif args.command == "train":
+        if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports
+            return
+        if history.steps:
+            print(f"step {history.steps[-1]}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in history.losses.items()))
+        print(f"checkpoint: {Path(args.run_dir) / 'checkpoint.pt'}")
     elif args.command in ("caption", "vqa", "retrieve", "attention"):
         print("\n".join(lines))
     else:

@@ -42,7 +42,7 @@ class AnnotationError(ValueError):
     """An annotation file that is not in its benchmark's format."""
 
 
-def _read_json(path: str | Path):
+def read_annotations(path: str | Path):
     path = Path(path)
     try:
         return json.loads(path.read_text())
@@ -52,7 +52,7 @@ def _read_json(path: str | Path):
         raise AnnotationError(f"{path} is not valid JSON: {e}") from e
 
 
-def _field(record, key: str, kind, path: Path, where: str):
+def annotation_field(record, key: str, kind, path: Path, where: str):
     """``record[key]``, checked to be of ``kind``; else an error naming file, record and field."""
     if not isinstance(record, dict) or key not in record:
         raise AnnotationError(f"{path}: {where} has no field {key!r}")
@@ -77,13 +77,13 @@ def load_karpathy_captions(annotation_file: str | Path, image_dir: str | Path,
                            check_images: bool = True) -> datasets.Dataset:
     """COCO or Flickr30k in the Karpathy split files: one row per image with all its references."""
     path, image_dir = Path(annotation_file), Path(image_dir)
-    records = _read_json(path)
+    records = read_annotations(path)
     if not isinstance(records, list):
         raise AnnotationError(f"{path}: expected a list of records, got {type(records).__name__}")
     by_image: dict[str, list[str]] = defaultdict(list)
     for i, record in enumerate(records):
-        image = _field(record, "image", str, path, f"record {i}")
-        captions = _field(record, "caption", (str, list), path, f"record {i}")
+        image = annotation_field(record, "image", str, path, f"record {i}")
+        captions = annotation_field(record, "caption", (str, list), path, f"record {i}")
         captions = [captions] if isinstance(captions, str) else captions
         if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
             raise AnnotationError(f"{path}: record {i} field 'caption' must hold non-empty strings")
@@ -95,18 +95,18 @@ def load_karpathy_captions(annotation_file: str | Path, image_dir: str | Path,
 def load_nocaps(annotation_file: str | Path, image_dir: str | Path, check_images: bool = True) -> datasets.Dataset:
     """NoCaps (COCO-style ``images`` + ``annotations``): one row per image with all its references."""
     path, image_dir = Path(annotation_file), Path(image_dir)
-    data = _read_json(path)
-    images = _field(data, "images", list, path, "the file")
-    annotations = _field(data, "annotations", list, path, "the file")
+    data = read_annotations(path)
+    images = annotation_field(data, "images", list, path, "the file")
+    annotations = annotation_field(data, "annotations", list, path, "the file")
     files = {}
     for i, image in enumerate(images):
-        files[_field(image, "id", int, path, f"images[{i}]")] = _field(image, "file_name", str, path, f"images[{i}]")
+        files[annotation_field(image, "id", int, path, f"images[{i}]")] = annotation_field(image, "file_name", str, path, f"images[{i}]")
     refs: dict[int, list[str]] = defaultdict(list)
     for i, annotation in enumerate(annotations):
-        image_id = _field(annotation, "image_id", int, path, f"annotations[{i}]")
+        image_id = annotation_field(annotation, "image_id", int, path, f"annotations[{i}]")
         if image_id not in files:
             raise AnnotationError(f"{path}: annotations[{i}] field 'image_id' {image_id} is not in 'images'")
-        refs[image_id].append(_field(annotation, "caption", str, path, f"annotations[{i}]"))
+        refs[image_id].append(annotation_field(annotation, "caption", str, path, f"annotations[{i}]"))
     rows = [{"image": files[i], "image_id": str(i), "captions": refs[i]} for i in files if refs[i]]
     return _dataset(rows, image_dir, check_images, path)
 
@@ -116,26 +116,26 @@ def load_vqav2(questions_file: str | Path, annotations_file: str | Path, image_d
     """VQAv2 questions joined with their annotations: one row per image with its questions, their
     answer types and ten answers each."""
     qpath, apath, image_dir = Path(questions_file), Path(annotations_file), Path(image_dir)
-    questions = _field(_read_json(qpath), "questions", list, qpath, "the file")
-    annotations = _field(_read_json(apath), "annotations", list, apath, "the file")
+    questions = annotation_field(read_annotations(qpath), "questions", list, qpath, "the file")
+    annotations = annotation_field(read_annotations(apath), "annotations", list, apath, "the file")
     by_question = {}
     for i, annotation in enumerate(annotations):
         where = f"annotations[{i}]"
-        answers = _field(annotation, "answers", list, apath, where)
-        texts = [_field(a, "answer", str, apath, f"{where}.answers[{j}]") for j, a in enumerate(answers)]
-        by_question[_field(annotation, "question_id", int, apath, where)] = (
-            _field(annotation, "answer_type", str, apath, where), texts)
+        answers = annotation_field(annotation, "answers", list, apath, where)
+        texts = [annotation_field(a, "answer", str, apath, f"{where}.answers[{j}]") for j, a in enumerate(answers)]
+        by_question[annotation_field(annotation, "question_id", int, apath, where)] = (
+            annotation_field(annotation, "answer_type", str, apath, where), texts)
     rows: dict[int, dict] = {}
     for i, question in enumerate(questions):
         where = f"questions[{i}]"
-        question_id = _field(question, "question_id", int, qpath, where)
-        image_id = _field(question, "image_id", int, qpath, where)
+        question_id = annotation_field(question, "question_id", int, qpath, where)
+        image_id = annotation_field(question, "image_id", int, qpath, where)
         if question_id not in by_question:
             raise AnnotationError(f"{apath}: no annotation for question_id {question_id} ({qpath}, {where})")
         answer_type, answers = by_question[question_id]
         row = rows.setdefault(image_id, {"image": f"COCO_{split}_{image_id:012d}.jpg", "image_id": str(image_id),
                                          "questions": [], "question_ids": [], "question_types": [], "answers": []})
-        row["questions"].append(_field(question, "question", str, qpath, where))
+        row["questions"].append(annotation_field(question, "question", str, qpath, where))
         row["question_ids"].append(question_id)
         row["question_types"].append(answer_type)
         row["answers"].append(answers)

@@ -82,6 +82,10 @@ class Blip2Stage1(nn.Module):
             still drawn from the whole batch.
         itg: whether to train with ITG (default True, as in the paper; False is its ablation of
             the generative loss, whose ``loss_itg`` is then 0).
+        itm: whether to train with ITM (default True, as in the paper). False leaves ITC (+ ITG),
+            whose losses are defined on the global batch: k processes with batch B then train
+            exactly as one process with batch kB, whereas ITM draws its hard negatives from each
+            process's own B (tests/test_distributed.py checks the equivalence without it).
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class Blip2Stage1(nn.Module):
         itg_vocab: torch.Tensor | None = None,
         itm_pairs: int | None = None,
         itg: bool = True,
+        itm: bool = True,
     ):
         super().__init__()
         if not 0 <= dec_token_id < config.vocab_size:
@@ -116,7 +121,7 @@ class Blip2Stage1(nn.Module):
         if itm_pairs is not None and (not isinstance(itm_pairs, int) or itm_pairs < 1):
             raise ValueError(f"itm_pairs must be a positive int or None (all pairs), got {itm_pairs!r}")
         self.itm_pairs = itm_pairs
-        self.itg = itg
+        self.itg, self.itm = itg, itm
         self.register_buffer("itg_vocab", None)  # saved when set: a reloaded run predicts the same set
         self.register_buffer("itg_position", None, persistent=False)
         if itg_vocab is not None:
@@ -177,6 +182,22 @@ class Blip2Stage1(nn.Module):
 
     # -- training ----------------------------------------------------------------------------------
 
+    def _itm(self, itc, image_embeds, input_ids, attention_mask, generator):
+        """ITM loss and logits: the first ``itm_pairs`` pairs, hard negatives from the local block of
+        the ITC similarities (this process's images and texts)."""
+        if not self.itm:
+            return itc.loss.new_zeros(()), itc.loss.new_zeros((0, 2))
+        batch = image_embeds.shape[0]
+        rank, _ = losses.distributed_world()
+        local = slice(rank * batch, (rank + 1) * batch)
+        pairs = min(batch, self.itm_pairs or batch)
+        neg_image, neg_text = losses.sample_hard_negatives(
+            itc.sim_i2t[:pairs, local], itc.sim_t2i[:pairs, local], itc.positives[:pairs, local], generator
+        )
+        text_index, image_index, itm_labels = losses.itm_pairs(pairs, neg_image, neg_text)
+        itm_logits = self.itm_logits(image_embeds, input_ids[text_index], attention_mask[text_index], image_index)
+        return losses.itm_loss(itm_logits, itm_labels), itm_logits
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -208,17 +229,7 @@ class Blip2Stage1(nn.Module):
         text_itc = self.itc_text(input_ids, attention_mask)
         itc = losses.itc_loss(image_itc, text_itc, self.temp, image_ids)
 
-        # ITM: the first `pairs` pairs, hard negatives from the local block of the ITC similarities.
-        rank, _ = losses.distributed_world()
-        local = slice(rank * batch, (rank + 1) * batch)
-        pairs = min(batch, self.itm_pairs or batch)
-        neg_image, neg_text = losses.sample_hard_negatives(
-            itc.sim_i2t[:pairs, local], itc.sim_t2i[:pairs, local], itc.positives[:pairs, local], generator
-        )
-        text_index, image_index, itm_labels = losses.itm_pairs(pairs, neg_image, neg_text)
-        itm_logits = self.itm_logits(image_embeds, input_ids[text_index], attention_mask[text_index], image_index)
-        loss_itm = losses.itm_loss(itm_logits, itm_labels)
-
+        loss_itm, itm_logits = self._itm(itc, image_embeds, input_ids, attention_mask, generator)
         if not self.itg:
             loss_itg = itc.loss.new_zeros(())
             return Stage1Output(itc.loss + loss_itm, itc.loss, loss_itm, loss_itg, itc.sim_i2t, itm_logits)

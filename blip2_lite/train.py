@@ -1,30 +1,34 @@
-"""The training loop shared by both stages: AdamW, warm-up + cosine schedule, bf16 autocast on any
-device, periodic validation, and checkpoints that make an interrupted run resumable *exactly*.
+"""The training loop shared by both stages and both worlds: AdamW, warm-up + cosine schedule, bf16
+autocast on any device, gradient accumulation, periodic validation, one process or many (torchrun,
+DistributedDataParallel), and checkpoints that make an interrupted run resumable *exactly*
+(``checkpoint.py``): a run that is killed and resumed ends with bit-identical weights to one that
+never stopped (tests/test_train.py, tests/test_distributed.py).
 
-The loop knows nothing of BLIP-2's data: a stage gives it a batch sampler and a loss function.
-A checkpoint holds the model, optimizer and scheduler states, the step, the history, and every
-random-number state the loop consumes (torch's global RNG for dropout, the batch sampler's and the
-loss's own generators). A run that is killed and resumed therefore ends with bit-identical
-weights to one that never stopped (tests/test_train.py). Checkpoints are written atomically, so a
-kill during the write leaves the previous one intact.
+The loop knows nothing of BLIP-2's data: a stage gives it batches and a loss function. Batches come
+either from a sampler called with a generator the loop owns (the lite world draws them in memory)
+or from a stream that can start at any step (``BatchStream``: files read by DataLoader workers).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
-from .atomic import atomic_path
-from .convert.engine import CheckpointError, read_torch_file
+from .checkpoint import CHECKPOINT, RunState, last_good_step, load_checkpoint, save_checkpoint
 from .devices import autocast, to_device
+from .distributed import barrier, distributed_world, is_main, mean_across_ranks
 
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["CHECKPOINT", "BatchStream", "History", "NonFiniteLossError", "TrainConfig", "lr_lambda", "make_optimizer",
+           "plot_history", "train"]
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,17 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     bf16: bool = True  # autocast to bfloat16 (CUDA, and CPUs: there the backward pass ran ~1.8x faster)
+    # micro-batches of batch_size per optimizer step (per process). ITC's negatives are those of a
+    # micro-batch (times the processes), so accumulation is not the same as a larger batch for ITC.
+    grad_accumulation: int = 1
 
     def __post_init__(self):
         if self.lr <= 0 or self.weight_decay < 0 or self.checkpoint_every < 1 or self.eval_every < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, checkpoint_every >= 1 and eval_every >= 0, got "
                              f"{self.lr}, {self.weight_decay}, {self.checkpoint_every} and {self.eval_every}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
+            raise ValueError(f"steps, batch_size and grad_accumulation must be >= 1, got {self.steps}, "
+                             f"{self.batch_size} and {self.grad_accumulation}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must lie in [0, steps], got {self.warmup_steps}")
         if not 0 <= self.min_lr <= self.lr:
@@ -93,75 +101,52 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
-@dataclass
-class _Run:
-    """What a checkpoint must capture besides the model: optimizer, schedule and random streams."""
+@runtime_checkable
+class BatchStream(Protocol):
+    """Batches that can start anywhere: ``iterate(k)`` yields micro-batch k, k+1, ... of this process
+    (k counts micro-batches, ``step * grad_accumulation``). Resuming at step s asks for s * accumulation."""
 
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler_rng: torch.Generator  # on the host: batches are assembled there
-    loss_rng: torch.Generator  # on the device: e.g. ITM's negative sampling
-    device: torch.device
-
-    def rng_state(self) -> dict:
-        state = {"torch": torch.get_rng_state(), "sampler": self.sampler_rng.get_state(), "loss": self.loss_rng.get_state()}
-        if self.device.type == "cuda":  # dropout on the GPU draws from the device's own generator
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def set_rng_state(self, state: dict) -> None:
-        torch.set_rng_state(state["torch"])
-        self.sampler_rng.set_state(state["sampler"])
-        self.loss_rng.set_state(state["loss"])
-        if "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], self.device)
+    def iterate(self, start: int) -> Iterator[dict]: ...
 
 
-def _save(path: Path, model, run: _Run, step: int, history: History, config: TrainConfig) -> None:
-    state = {"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(), "step": step, "rng": run.rng_state(),
-             "history": asdict(history), "config": asdict(config)}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def _micro_batches(batches, rng: torch.Generator, start: int) -> Iterator[dict]:
+    if isinstance(batches, BatchStream):
+        return iter(batches.iterate(start))
+    if not callable(batches):
+        raise TypeError(f"batches must be a sampler taking a torch.Generator or a BatchStream, got {type(batches).__name__}")
+    return (batches(rng) for _ in itertools.count())  # the sampler's generator is restored on resume
 
 
-def _resume(path: Path, model, run: _Run, config: TrainConfig) -> tuple[History, int]:
-    """The history and step of the checkpoint at ``path`` (loaded into model and run), or a fresh start."""
-    if not path.exists():
-        return History(), 0
-    state = read_torch_file(path, advice="delete it to start this run over, or pass another run_dir")
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "history", "config"} <= set(state):
-        raise CheckpointError(f"{path} is not a checkpoint of this training loop: delete it or use another run_dir")
-    if state["config"] != asdict(config):
-        raise ValueError(
-            f"{path} was written with another training config:\n  {state['config']}\nvs\n  {asdict(config)}\n"
-            "use another run_dir, or delete it to start over"
-        )
-    model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.set_rng_state({k: v.cpu() for k, v in state["rng"].items()})  # RNG states are host byte tensors
-    return History(**state["history"]), state["step"]
-
-
-def _losses(model, batch, compute_losses, run: _Run, config: TrainConfig, step: int, path: Path) -> dict:
-    """The step's losses under autocast; a non-finite loss stops the run naming the last good checkpoint."""
+def _losses(model, batch, compute_losses, run: RunState, config: TrainConfig, step: int, path: Path) -> dict:
+    """The micro-batch's losses under autocast, checked to be a dict with a scalar ``"loss"``."""
     try:
         with autocast(run.device, config.bf16):
             losses = compute_losses(model, batch, run.loss_rng)
-        if not isinstance(losses, dict) or not isinstance(losses.get("loss"), torch.Tensor) or losses["loss"].numel() != 1:
-            raise TypeError(f"compute_losses must return a dict whose 'loss' is a scalar tensor, got {type(losses).__name__}"
-                            + (f" with keys {sorted(losses)}" if isinstance(losses, dict) else ""))
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(f"loss is {losses['loss'].item()}")
-    except FloatingPointError as err:
-        last = torch.load(path, map_location="cpu", weights_only=True)["step"] if path.exists() else None
-        raise NonFiniteLossError(
-            f"{err} at step {step + 1}: stopping. The last good checkpoint "
-            + (f"(step {last}) is intact in {path}" if last is not None else "was never written")
-            + "; lower the learning rate or check the inputs before resuming."
-        ) from err
+    except FloatingPointError as err:  # e.g. NaN inputs, refused by the model
+        raise _non_finite(str(err), step, path) from err
+    if not isinstance(losses, dict) or not isinstance(losses.get("loss"), torch.Tensor) or losses["loss"].numel() != 1:
+        raise TypeError(f"compute_losses must return a dict whose 'loss' is a scalar tensor, got {type(losses).__name__}"
+                        + (f" with keys {sorted(losses)}" if isinstance(losses, dict) else ""))
     return losses
+
+
+def _non_finite(what: str, step: int, path: Path) -> NonFiniteLossError:
+    last = last_good_step(path) if is_main() else None
+    return NonFiniteLossError(
+        f"{what} at step {step + 1}: stopping. The last good checkpoint "
+        + (f"(step {last}) is intact in {path}" if last is not None else "was never written")
+        + "; lower the learning rate or check the inputs before resuming."
+    )
+
+
+def _step_losses(totals: dict[str, torch.Tensor], step: int, path: Path) -> dict[str, float]:
+    """The step's losses averaged over micro-batches and ranks (one collective). A non-finite loss on
+    any rank stops every rank, before the update, naming the last good checkpoint."""
+    names = list(totals)
+    values = dict(zip(names, mean_across_ranks(torch.stack([totals[name] for name in names])).tolist()))
+    if not math.isfinite(values["loss"]):
+        raise _non_finite(f"loss is {values['loss']}", step, path)
+    return values
 
 
 def _check_arguments(config, device, run_dir) -> tuple[torch.device, Path]:
@@ -180,17 +165,20 @@ def _check_arguments(config, device, run_dir) -> tuple[torch.device, Path]:
 
 
 def _validate(model, evaluate, history: History, step: int) -> None:
-    model.eval()
-    with torch.no_grad():
-        metrics = evaluate(model)
-    model.train()
-    history.eval_steps.append(step)
-    history.log(history.metrics, metrics)
+    """Rank 0 validates while the other ranks wait."""
+    if is_main():
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate(model)
+        model.train()
+        history.eval_steps.append(step)
+        history.log(history.metrics, metrics)
+    barrier()
 
 
 def train(
     model: torch.nn.Module,
-    sample_batch: Callable[[torch.Generator], dict],
+    batches: Callable[[torch.Generator], dict] | BatchStream,
     compute_losses: Callable[[torch.nn.Module, dict, torch.Generator], dict[str, torch.Tensor]],
     config: TrainConfig,
     run_dir: str | Path,
@@ -201,50 +189,67 @@ def train(
 ) -> History:
     """Train ``model`` for ``config.steps`` steps on ``device``, resuming from ``run_dir`` if it holds a checkpoint.
 
+    Under torchrun (a process group is initialised, ``distributed.init_distributed``) every rank
+    calls it: the model is wrapped in DistributedDataParallel, each rank trains on its own batches,
+    rank 0 validates, shows progress and writes the checkpoints.
+
     Args:
-        sample_batch: draws one batch on the host using the given generator (the loop owns its
-            state); the loop moves its tensors to ``device``.
+        batches: a sampler drawing one batch on the host from the given generator (the loop owns its
+            state), or a ``BatchStream``; the loop moves the tensors to ``device``.
         compute_losses: returns a dict of losses whose ``"loss"`` entry is optimised; it may use the
             given generator, which lives on ``device`` (e.g. ITM's negative sampling).
         evaluate: validation metrics, called every ``config.eval_every`` steps and at the end.
         stop_after: stop (with a checkpoint) after this many steps in total, as if interrupted.
         device: where the model trains ("cpu", "cuda", "cuda:1", ...), with bf16 autocast for that device.
-    Returns the full history, including steps done before a resume.
+    Returns the full history, including steps done before a resume (on ranks other than 0, without
+    the validation metrics).
     """
     device, run_dir = _check_arguments(config, device, run_dir)
     if device.type == "cpu":
         keep_freed_memory()
     model.to(device)
-    torch.manual_seed(config.seed)
+    rank, world = distributed_world()
+    seed = config.seed + 7919 * rank  # each rank its own dropout masks and samples; rank 0 as in one process
+    torch.manual_seed(seed)
     optimizer = make_optimizer(model, config)
-    run = _Run(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config)),
-               torch.Generator().manual_seed(config.seed + 1),
-               torch.Generator(device=device).manual_seed(config.seed + 2), device)
+    run = RunState(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config)),
+                   torch.Generator().manual_seed(seed + 1), torch.Generator(device=device).manual_seed(seed + 2), device)
     path = run_dir / CHECKPOINT
-    history, start = _resume(path, model, run, config)
+    saved, start = load_checkpoint(path, model, run, config)
+    history = History(**saved) if saved else History()
+    # find_unused_parameters: an ablation (ITG off) leaves heads without gradient
+    wrapped = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
 
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     model.train()
+    micro = _micro_batches(batches, run.sampler_rng, start * config.grad_accumulation)
     # At most one refresh every 2 s: in a notebook each refresh is several widget messages, and a
     # flood of them (one per step) overflowed the kernel's output queue under nbval (400 steps).
-    bar = tqdm(range(start, end), initial=start, total=config.steps, disable=not progress, desc="train",
-               mininterval=2.0)
+    bar = tqdm(range(start, end), initial=start, total=config.steps, disable=not progress or not is_main(),
+               desc="train", mininterval=2.0)
     for step in bar:
-        batch = to_device(sample_batch(run.sampler_rng), device)
-        losses = _losses(model, batch, compute_losses, run, config, step, path)
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        totals = {}
+        for k in range(config.grad_accumulation):
+            last = k == config.grad_accumulation - 1
+            with (wrapped.no_sync() if world > 1 and not last else nullcontext()):  # gradients meet once per step
+                losses = _losses(wrapped, to_device(next(micro), device), compute_losses, run, config, step, path)
+                (losses["loss"] / config.grad_accumulation).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0) + value.detach().float() / config.grad_accumulation
+        values = _step_losses(totals, step, path)
         optimizer.step()
         history.steps.append(step + 1)
         history.lr.append(run.scheduler.get_last_lr()[0])
-        history.log(history.losses, {name: value.item() for name, value in losses.items()})
+        history.log(history.losses, values)
         run.scheduler.step()
-        bar.set_postfix(loss=f"{history.losses['loss'][-1]:.3f}", refresh=False)  # shown at the next refresh
+        bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)  # shown at the next refresh
         done = step + 1
         if evaluate is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
             _validate(model, evaluate, history, done)
         if done % config.checkpoint_every == 0 or done == end:
-            _save(path, model, run, done, history, config)
+            save_checkpoint(path, model, run, done, history, config)
     bar.close()
     return history
 

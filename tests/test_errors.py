@@ -272,9 +272,10 @@ def test_training_refuses_bad_arguments_by_name(tmp_path):
         (dict(device="tpu"), ValueError, "device 'tpu'"),
         (dict(compute_losses=lambda m, b, r: {"x": torch.tensor(1.0)}), TypeError, "compute_losses.*'loss'"),
         (dict(config={"steps": 4}), TypeError, "TrainConfig"),
+        (dict(batches=[{"input_ids": 1}]), TypeError, "batches must be a sampler"),
     ]
     for override, error, named in bad:
-        kwargs = dict(model=tiny_model(), sample_batch=sampler, compute_losses=stage1_losses, config=CONFIG,
+        kwargs = dict(model=tiny_model(), batches=sampler, compute_losses=stage1_losses, config=CONFIG,
                       run_dir=tmp_path / "run", progress=False) | override
         with pytest.raises(error, match=named):
             train(**kwargs)

@@ -149,3 +149,27 @@ def test_training_on_cuda_uses_bf16_autocast_and_resumes_exactly(tmp_path):
     train(resumed, stage1_sampler(data, 4), stage1_losses, CONFIG, tmp_path / "b", progress=False, device="cuda")
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """Two micro-batches of 4 per step give the step of one batch of 8 (a per-sample mean loss; float64)."""
+    def draw(rng):
+        x = torch.randn(4, 3, generator=rng, dtype=torch.float64)
+        return {"x": x, "y": x.sum(dim=1, keepdim=True)}
+
+    def both(rng):
+        first, second = draw(rng), draw(rng)
+        return {k: torch.cat([first[k], second[k]]) for k in first}
+
+    def mse(model, batch, rng):
+        return {"loss": ((model(batch["x"]) - batch["y"]) ** 2).mean()}
+
+    results = []
+    for sampler, accumulation in ((draw, 2), (both, 1)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1).double()
+        config = TrainConfig(steps=5, batch_size=4, lr=1e-2, bf16=False, grad_accumulation=accumulation)
+        history = train(model, sampler, mse, config, tmp_path / f"run{accumulation}", progress=False)
+        results.append((model.weight.detach().clone(), history.losses["loss"]))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-12, rtol=0)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)  # logged in float32

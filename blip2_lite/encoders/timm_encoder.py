@@ -84,7 +84,9 @@ class FrozenImageEncoder(nn.Module):
     @torch.no_grad()  # not inference_mode: its tensors could not be saved for a later backward
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         fixed_size = self.image_size if hasattr(self.model, "patch_embed") else None  # a CNN takes any size
-        x = check_pixels(pixels, fixed_size).to(self.mean.device).contiguous(memory_format=torch.channels_last)
+        # float32 pixels meet a possibly half-precision (frozen, fp16) model
+        x = check_pixels(pixels, fixed_size).to(self.mean.device, self.mean.dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
         if self.feature_layer == -1:
             out = self.model.forward_features(x)
         else:
