@@ -58,7 +58,8 @@ def tiny_opt(folder: Path) -> Path:
 
 
 def write_config(path: Path, stage: int, losses=("itc", "itg"), dropout: float = 0.0, steps: int = STEPS,
-                 batch_size: int = 4, workers: int = 0, extra_model: str = "", frozen_dtype: str = "float32") -> Path:
+                 batch_size: int = 4, workers: int = 0, extra_model: str = "", frozen_dtype: str = "float32",
+                 extra_data: str = "") -> Path:
     path.write_text(f"""
 stage = {stage}
 [model]
@@ -88,6 +89,7 @@ checkpoint_every = 1
 bf16 = false
 [data]
 num_workers = {workers}
+{extra_data}
 """)
     return path
 
@@ -226,3 +228,29 @@ def test_stage2_fine_tunes_on_vqav2_questions(tmp_path):
     assert history.steps == [1, 2] and all(torch.isfinite(torch.tensor(history.losses["loss"])))
     with pytest.raises(ValueError, match="--questions, --annotations"):
         train_run(2, config, tmp_path / "run", fixtures / "vqav2_val2014_annotations.json", tmp_path)
+
+
+def test_cached_features_are_built_once_by_both_ranks_and_train_as_one_process(data, tmp_path, float64):
+    from blip2_lite.encoders.timm_encoder import FrozenImageEncoder
+    from blip2_lite.pretrain.feature_cache import FeatureCache
+
+    cache = tmp_path / "features"
+    two = write_config(tmp_path / "two.toml", 1, batch_size=4, frozen_dtype="float64",
+                       extra_data=f'feature_cache = "{cache}"')
+    one = write_config(tmp_path / "one.toml", 1, batch_size=8, frozen_dtype="float64",
+                       extra_data=f'feature_cache = "{cache}"')
+    finish(torchrun("stage1", "--config", str(two), "--annotations", str(data), "--images", str(data.parent),
+                    "--run-dir", str(tmp_path / "two"), float64=tmp_path))
+    assert len(list(cache.glob("shard-*.safetensors"))) == 2  # each rank encoded its share
+    built = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    train_run(1, one, tmp_path / "one", data, data.parent, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == built  # reused, not rebuilt
+    assert max_difference(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+
+    torch.manual_seed(0)  # as the run: its random encoder is the first thing built after seeding
+    encoder = FrozenImageEncoder("test_vit", -2, 64, pretrained=False)
+    torch.testing.assert_close(FeatureCache(cache)[3], encoder(encoder.preprocess(data.parent / "img03.png"))[0])
+
+    other = write_config(tmp_path / "other.toml", 1, frozen_dtype="float32", extra_data=f'feature_cache = "{cache}"')
+    with pytest.raises(ValueError, match="built for another encoder"):
+        train_run(1, other, tmp_path / "other", data, data.parent, progress=False)

@@ -62,6 +62,9 @@ class DataConfig:
     num_workers: int = 8  # DataLoader processes per training process, decoding and augmenting images
     min_scale: float = 0.5  # random resized crop keeps 50-100% of the image (LAVIS)
     vqa_split: str = "train2014"  # VQAv2 image names: COCO_{split}_{id:012d}.jpg
+    # A folder for frozen features computed once (whole images, no augmentation; feature_cache.py).
+    # Empty: images are decoded and augmented at every step, as in the paper.
+    feature_cache: str = ""
 
 
 @dataclass(frozen=True)

@@ -109,10 +109,14 @@ class ImageTextDataset(Dataset):
     """Samples decoded and augmented on demand, indexed by ``(epoch, index)``.
 
     ``prefix_lm``: cut each target at a random word and move the start into the prompt (FlanT5's
-    prefix language modelling in stage 2, ``stage2.split_for_prefix_lm``)."""
+    prefix language modelling in stage 2, ``stage2.split_for_prefix_lm``). ``features``: read each
+    image's cached frozen features (by ``image_id``, ``feature_cache.FeatureCache``) instead of
+    decoding and augmenting it."""
 
-    def __init__(self, samples: list[Sample], transform: Callable, seed: int = 0, prefix_lm: bool = False):
+    def __init__(self, samples: list[Sample], transform: Callable, seed: int = 0, prefix_lm: bool = False,
+                 features=None):
         self.samples, self.transform, self.seed, self.prefix_lm = samples, transform, seed, prefix_lm
+        self.features = features
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -123,12 +127,26 @@ class ImageTextDataset(Dataset):
         # a generator of its own per sample: the same augmentation on any rank, worker or resume
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63)
-            pixels = self.transform(load_image(sample.image))
+            if self.features is None:
+                image = {"pixels": self.transform(load_image(sample.image))}
+            else:
+                image = {"features": self.features[sample.image_id]}
             prompt, target = sample.prompt, sample.target
             if self.prefix_lm:
                 cut = int(torch.randint(len(target.split(" ")), ()))
                 prompt, target = split_for_prefix_lm(target, cut)
-        return {"pixels": pixels, "prompt": prompt, "target": target, "image_id": sample.image_id}
+        return image | {"prompt": prompt, "target": target, "image_id": sample.image_id}
+
+
+def distinct_images(samples: list[Sample]) -> list[str]:
+    """The image files in ``image_id`` order (what a feature cache holds)."""
+    return list({s.image_id: s.image for s in sorted(samples, key=lambda s: s.image_id)}.values())
+
+
+def _images(items: list[dict]) -> dict:
+    if "features" in items[0]:
+        return {"image_features": torch.stack([item["features"] for item in items])}
+    return {"images": torch.stack([item["pixels"] for item in items])}
 
 
 def stage1_collate(tokenizer, max_length: int = 32) -> Callable[[list[dict]], dict]:
@@ -138,8 +156,8 @@ def stage1_collate(tokenizer, max_length: int = 32) -> Callable[[list[dict]], di
     def collate(items: list[dict]) -> dict:
         text = tokenizer([item["target"] for item in items], padding="longest", truncation=True,
                          max_length=max_length, return_tensors="pt")
-        return {"images": torch.stack([item["pixels"] for item in items]), "input_ids": text.input_ids,
-                "attention_mask": text.attention_mask, "image_ids": torch.tensor([item["image_id"] for item in items])}
+        return _images(items) | {"input_ids": text.input_ids, "attention_mask": text.attention_mask,
+                                 "image_ids": torch.tensor([item["image_id"] for item in items])}
 
     return collate
 
@@ -150,8 +168,8 @@ def stage2_collate(tokenizer, encoder_decoder: bool) -> Callable[[list[dict]], d
     def collate(items: list[dict]) -> dict:
         tokens = language_batch(tokenizer, [item["prompt"] for item in items], [item["target"] for item in items],
                                 encoder_decoder)
-        return {"images": torch.stack([item["pixels"] for item in items]), "input_ids": tokens.input_ids,
-                "attention_mask": tokens.attention_mask, "labels": tokens.labels}
+        return _images(items) | {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
+                                 "labels": tokens.labels}
 
     return collate
 

@@ -14,26 +14,28 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import close_distributed, init_distributed, is_main, main_first
+from ..atomic import atomic_path
+from ..distributed import barrier, close_distributed, init_distributed, is_main, main_first
 from ..families import family_of
 from ..train import History, train
 from .config import load_config, resolve_config
-from .data import (DistributedBatches, ImageTextDataset, caption_samples, stage1_collate, stage2_collate,
-                   train_transform, vqa_samples)
+from .data import (DistributedBatches, ImageTextDataset, caption_samples, distinct_images, stage1_collate,
+                   stage2_collate, train_transform, vqa_samples)
+from .feature_cache import FeatureCache, build_feature_cache
 from .models import image_encoder, stage1_model, stage1_weights, stage2_model
 
 RUN_CONFIG = "config.toml"
 
 
 def stage1_losses(model, batch: dict, rng) -> dict:
-    out = model(batch["input_ids"], batch["attention_mask"], images=batch["images"], image_ids=batch["image_ids"],
-                generator=rng)
+    out = model(batch["input_ids"], batch["attention_mask"], images=batch.get("images"),
+                image_features=batch.get("image_features"), image_ids=batch["image_ids"], generator=rng)
     return {"loss": out.loss, "itc": out.loss_itc, "itm": out.loss_itm, "itg": out.loss_itg}
 
 
 def stage2_losses(model, batch: dict, rng) -> dict:
     return {"loss": model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                          pixel_values=batch["images"]).loss}
+                          pixel_values=batch.get("images"), image_features=batch.get("image_features")).loss}
 
 
 def _claim_run_dir(run_dir: Path, config_file: Path) -> None:
@@ -41,9 +43,10 @@ def _claim_run_dir(run_dir: Path, config_file: Path) -> None:
     text, kept = config_file.read_text(), run_dir / RUN_CONFIG
     if kept.is_file() and kept.read_text() != text:
         raise ValueError(f"{run_dir} holds a run of another config ({kept}): pass another --run-dir, or delete it")
+    barrier()  # every rank has read it before rank 0 writes it
     if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        kept.write_text(text)
+        with atomic_path(kept) as tmp:
+            tmp.write_text(text)
 
 
 def build(stage: int, config):
@@ -90,8 +93,15 @@ def train_run(stage: int, config: str | Path, run_dir: str | Path, annotations: 
                                   config.data.vqa_split)
         else:
             samples = caption_samples(annotations, images)
+        features = None
+        if config.data.feature_cache:
+            m = config.model
+            identity = dict(image_encoder=m.image_encoder, weights=m.image_encoder_weights, image_size=m.image_size,
+                            feature_layer=m.feature_layer, dtype=m.frozen_dtype)
+            features = FeatureCache(build_feature_cache(config.data.feature_cache, distinct_images(samples),
+                                                        model.image_encoder, identity, device=device))
         dataset = ImageTextDataset(samples, train_transform(config.model.image_size, mean, std, config.data.min_scale),
-                                   seed=config.train.seed, prefix_lm=encoder_decoder and not vqa)
+                                   seed=config.train.seed, prefix_lm=encoder_decoder and not vqa, features=features)
         collate = stage1_collate(tokenizer, config.model.max_text_length) if stage == 1 else \
             stage2_collate(tokenizer, encoder_decoder)
         batches = DistributedBatches(dataset, config.train.batch_size, collate, config.data.num_workers,
