@@ -106,7 +106,8 @@ def main(argv=None):
     course.add_argument("--out", default=None, help="executed notebooks and course_state.json (default REPO/build/course)")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lite world never needs a hub
+    if args.command != "train" and getattr(args, "model", None) is None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the lite world never needs a hub (full-scale runs may)
     try:
         if args.command == "course":
             checkout = repo_root() or Path.cwd()

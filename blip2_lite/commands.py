@@ -16,6 +16,7 @@ import torch
 from .attention_maps import cross_attention_maps, itm_gradcam, plot_maps, token_grid, word_maps
 from .encoders.images import load_image
 from .evaluate.retrieval import itc_embeddings, itc_score_matrix, itm_rerank
+from .evaluate.tasks import vqa_decoding
 from .stage1 import Blip2Stage1
 from .stage2 import Blip2
 
@@ -71,10 +72,10 @@ def caption(model: Blip2, images, prompt: str = "", num_beams: int = 5) -> list[
     return model.generate(images, prompt, num_beams=num_beams, max_new_tokens=30)
 
 
-def vqa(model: Blip2, image, question: str, num_beams: int = 5) -> str:
+def vqa(model: Blip2, image, question: str) -> str:
+    """The answer with the family's prompt and LAVIS's zero-shot decoding (``evaluate.tasks.vqa_decoding``)."""
     prompt = model.family.vqa_prompt.format(check_question(question))
-    return model.generate([image], prompt, num_beams=num_beams, max_new_tokens=10,
-                          length_penalty=-1.0 if model.family.encoder_decoder else 0.0)[0]
+    return model.generate([image], prompt, **vqa_decoding(model.family))[0]
 
 
 def _tokens(model: Blip2Stage1, texts: list[str], tokenizer):
