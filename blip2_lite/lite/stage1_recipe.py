@@ -40,7 +40,10 @@ def stage1_sampler(data: CaptionedImages, batch_size: int):
 
 
 def stage1_losses(model, batch: dict, rng: torch.Generator) -> dict[str, torch.Tensor]:
-    out = model(batch["input_ids"], batch["attention_mask"], image_features=batch["image_features"], generator=rng)
+    """The stage-1 losses of a batch of cached ``image_features`` or ``images`` (full-scale runs also
+    give ``image_ids``)."""
+    out = model(batch["input_ids"], batch["attention_mask"], images=batch.get("images"),
+                image_features=batch.get("image_features"), image_ids=batch.get("image_ids"), generator=rng)
     return {"loss": out.loss, "itc": out.loss_itc, "itm": out.loss_itm, "itg": out.loss_itg}
 
 

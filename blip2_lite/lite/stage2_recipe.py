@@ -52,7 +52,7 @@ def stage2_sampler(features: torch.Tensor, captions: list[list[str]], tokenizer,
 
 def stage2_losses(model, batch: dict, rng: torch.Generator) -> dict[str, torch.Tensor]:
     out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                image_features=batch["image_features"])
+                pixel_values=batch.get("images"), image_features=batch.get("image_features"))
     return {"loss": out.loss}
 
 

@@ -17,6 +17,8 @@ import torch
 from ..atomic import atomic_path
 from ..distributed import barrier, close_distributed, init_distributed, is_main, main_first
 from ..families import family_of
+from ..lite.stage1_recipe import stage1_losses
+from ..lite.stage2_recipe import stage2_losses
 from ..train import History, train
 from .config import load_config, resolve_config
 from .data import (DistributedBatches, ImageTextDataset, caption_samples, distinct_images, stage1_collate,
@@ -25,17 +27,6 @@ from .feature_cache import FeatureCache, build_feature_cache
 from .models import image_encoder, stage1_model, stage1_weights, stage2_model
 
 RUN_CONFIG = "config.toml"
-
-
-def stage1_losses(model, batch: dict, rng) -> dict:
-    out = model(batch["input_ids"], batch["attention_mask"], images=batch.get("images"),
-                image_features=batch.get("image_features"), image_ids=batch["image_ids"], generator=rng)
-    return {"loss": out.loss, "itc": out.loss_itc, "itm": out.loss_itm, "itg": out.loss_itg}
-
-
-def stage2_losses(model, batch: dict, rng) -> dict:
-    return {"loss": model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                          pixel_values=batch.get("images"), image_features=batch.get("image_features")).loss}
 
 
 def _claim_run_dir(run_dir: Path, config_file: Path) -> None:
