@@ -24,8 +24,8 @@ import torch
 from blip2_lite import losses
 from blip2_lite.allocator import keep_freed_memory
 from blip2_lite.convert.bert import qformer_from_bert
-from blip2_lite.encoders.timm_encoder import FrozenImageEncoder
 from blip2_lite.lite.shapes_world import make_scene
+from blip2_lite.lite.world import lite_encoder
 from blip2_lite.stage1 import Blip2Stage1
 
 
@@ -68,7 +68,7 @@ def main():
     kept = not args.default_allocator and keep_freed_memory()
 
     torch.manual_seed(0)
-    encoder = FrozenImageEncoder()
+    encoder = lite_encoder()  # the lite world's tokens (final map + three earlier stages)
     qformer, tokenizer = qformer_from_bert(num_query_tokens=args.queries, encoder_width=encoder.feature_dim)
     model = Blip2Stage1(qformer.config, tokenizer.bos_token_id, qformer=qformer)
     scenes = [make_scene("train", i) for i in range(args.batch_size)]

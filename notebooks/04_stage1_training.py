@@ -126,15 +126,21 @@ for label, key in rows:
     chance_value = f"{chance[key]:6.1f}%" if key in chance else "      -"
     print(f"{label:28s} {test_metrics[key]:6.1f}% {test_metrics['itm_' + key]:12.1f}% {chance_value}")
 
+# %% [markdown]
+# The course holds its stage 1 to two bars on the test split: image->text R@1 of at least 50% and
+# text->image R@1 of at least 40% with ITC alone (chance: 0.2%).
+
 # %%
+assert test_metrics["i2t_r1"] >= 50, f"image->text R@1 {test_metrics['i2t_r1']:.1f}% is below the course's 50%"
+assert test_metrics["t2i_r1"] >= 40, f"text->image R@1 {test_metrics['t2i_r1']:.1f}% is below the course's 40%"
 for direction in ("i2t", "t2i"):
-    assert test_metrics[f"{direction}_r1"] > 10 * chance[f"{direction}_r1"], f"{direction} R@1 is not far above chance"
     assert test_metrics[f"{direction}_r5"] > 5 * chance[f"{direction}_r5"], f"{direction} R@5 is not far above chance"
 
 # %% [markdown]
-# What the numbers say: after a few minutes on a CPU, ITC already retrieves the right caption
-# far more often than chance. ITM has had the same few hundred steps; whether its re-ranking helps
-# yet is an empirical question, which the table above answers for this run rather than assumes.
+# What the numbers say: after a few minutes on a CPU, ITC retrieves the right caption for most
+# test images, a few hundred times more often than chance. ITM has had the same few hundred
+# steps, on a quarter of the pairs; whether its re-ranking helps yet is an empirical question,
+# which the table above answers for this run rather than assumes.
 #
 # Some examples: test images with their three best captions by ITC, two whose best caption is
 # right and two whose best caption is wrong (the first of each kind in the test split). ✓ marks one
@@ -176,9 +182,9 @@ plt.show()
 #   stated deviations from the paper's recipe (no dropout, ITG over the world's words, ITM on a
 #   quarter of the pairs) make each step 2.9x cheaper; the `paper` preset keeps the recipe.
 # * All three losses fell over training, and the validation recall rose.
-# * On the 500 unseen test images, ITC retrieval is far above chance in both directions (the
-#   asserts demand ten times chance at R@1 and five times at R@5). Semantic recall also credits a
-#   retrieved image that fits the caption, which exact recall cannot.
+# * On the 500 unseen test images, ITC retrieval meets the course's bars (R@1 at least 50% image->text
+#   and 40% text->image; chance is 0.2%). Semantic recall also credits a retrieved image that fits
+#   the caption, which exact recall cannot.
 # * Re-ranking the top candidates with ITM is measured, not assumed: the table reports both rankings
 #   for this run, and after a few hundred steps ITM may or may not help yet.
 #

@@ -48,7 +48,8 @@ import torch
 from matplotlib.patches import Patch
 
 from blip2_lite.qformer import QFormer, QFormerConfig
-from blip2_lite.stage2 import IGNORE_INDEX, Blip2, language_batch, split_for_prefix_lm
+from blip2_lite.llm_inputs import IGNORE_INDEX, language_batch, split_for_prefix_lm
+from blip2_lite.stage2 import Blip2
 
 torch.manual_seed(0)
 

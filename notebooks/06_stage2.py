@@ -43,7 +43,7 @@ from blip2_lite.lite.llm import generate_text, load_lite_llm, load_llm_history, 
 from blip2_lite.lite.shapes_world import chance_levels
 from blip2_lite.lite.stage2_recipe import generate_in_batches
 from blip2_lite.prompts import conversation_prompt
-from blip2_lite.stage2 import language_batch
+from blip2_lite.llm_inputs import language_batch
 from blip2_lite.train import plot_history
 
 torch.manual_seed(0)
@@ -155,23 +155,26 @@ for family, (model, _, metrics) in stage2.items():
           f"{metrics['caption_image_gap']:10.1f} {distinct:>14d}/100")
 
 # %% [markdown]
-# **What this run shows, honestly.** At the course budget (200 stage-2 steps on top of 200
-# stage-1 steps) T5 has started to follow the image and OPT has not. T5's captions differ from
-# image to image and fit their own image better than another one (an image gap of about 5 points
-# when this chapter was written: it names the right kind of shape more often than chance, the
-# colours rarely). OPT writes nearly the same fluent caption for every image: its loss falls
-# because the soft prompt first learns to look like the text OPT expects, not because it carries
-# the image. The difference is the LLMs' reading (section 1): T5 learned from its paraphrase pairs
-# to copy facts from its encoder; OPT, within its minute of pretraining, never learned to copy
-# facts from what precedes a caption, so no soft prompt can steer it yet. Measured and ruled out as
-# the main cause: the Q-Former (a plain Linear from the mean feature to OPT's soft prompt did no
-# better after 1000 steps), a 7x higher learning rate, an end-of-sequence token after the soft
-# prompt. The `long` presets (`python -m blip2_lite stage1 --preset long`, then `stage2 --preset
-# long`) give every part more steps; this chapter reports what its own budget achieves.
+# **What this run shows, honestly.** At the course budget (200 stage-2 steps on top of 400
+# stage-1 steps) T5 follows the image and OPT does not. T5's captions differ from image to image
+# and fit their own image clearly better than another one (an image gap above 10 points and a few
+# hundred distinct captions for the 500 test images, measured over three seeds; the course holds T5
+# to a gap of 10 and 100 distinct captions). OPT writes nearly the same fluent caption for every
+# image: its loss falls because the soft prompt first learns to look like the text OPT expects, not
+# because it carries the image. The difference is the LLMs' reading (section 1): T5 learned from
+# its paraphrase pairs to copy facts from its encoder; OPT, within its minute of pretraining, never
+# learned to copy facts from what precedes a caption, so no soft prompt can steer it yet. Measured
+# and ruled out as the main cause: the Q-Former (a plain Linear from the mean feature to OPT's soft
+# prompt did no better after 1000 steps; and the Q-Former that now retrieves the right caption for
+# most test images left OPT as blind as the earlier, much weaker one), a 7x higher learning rate, an
+# end-of-sequence token after the soft prompt. Neither LLM yet answers questions better than the
+# majority answer. The `long` presets (`python -m blip2_lite stage1 --preset long`, then `stage2
+# --preset long`) give every part more steps; this chapter reports what its own budget achieves.
 
 # %%
 t5_metrics = stage2["t5"][2]
-assert t5_metrics["caption_image_gap"] > 2, "T5's captions do not depend on the image"
+assert t5_metrics["caption_image_gap"] >= 10, f"T5's image gap {t5_metrics['caption_image_gap']:.1f} is below 10"
+assert t5_metrics["distinct_captions"] >= 100, f"T5 wrote {t5_metrics['distinct_captions']} distinct captions of 500"
 assert t5_metrics["unigram_f1"] > text_only["t5"]["unigram_f1"], "T5 + image scores below T5 alone"
 
 # %%

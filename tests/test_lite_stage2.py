@@ -18,7 +18,7 @@ from blip2_lite.lite.stage2_recipe import (
     stage2_sampler,
 )
 from blip2_lite.lite.world import load_lite_world
-from blip2_lite.stage2 import IGNORE_INDEX
+from blip2_lite.llm_inputs import IGNORE_INDEX
 from blip2_lite.train import CHECKPOINT, TrainConfig, train
 
 SIZES = {"train": 24, "val": 8, "test": 8}

@@ -20,7 +20,7 @@ def world(tmp_path_factory):
 
 def test_lite_world_has_cached_features_and_tokens(world):
     train = world.splits["train"]
-    assert train.features.shape == (24, 49, 1280) and train.input_ids.shape[:2] == (24, 5)
+    assert train.features.shape == (24, 49, 1456) and train.input_ids.shape[:2] == (24, 5)
     assert world.tokenizer.convert_ids_to_tokens(int(train.input_ids[0, 0, 0])) == "[CLS]"
 
 

@@ -7,7 +7,7 @@ import torch
 from blip2_lite.convert.engine import CheckpointError
 from blip2_lite.convert.pretrained import load_hf_blip2
 from blip2_lite.prompts import conversation_prompt
-from blip2_lite.stage2 import IGNORE_INDEX, insert_after_padding, language_batch
+from blip2_lite.llm_inputs import IGNORE_INDEX, insert_after_padding, language_batch
 
 from hf_tiny import EOS, IMAGE_TOKEN, LLM_VOCAB, PAD, tiny_conditional, word_tokenizer
 

@@ -55,6 +55,24 @@ def test_feature_shapes(lite0):
     assert stage(pixels).shape == (2, stage.num_tokens, stage.feature_dim) == (2, 196, 112)
 
 
+def test_pooled_stages_are_earlier_maps_averaged_onto_the_final_grid(lite0):
+    pixels = torch.randn(2, 3, 224, 224)
+    pooled = FrozenImageEncoder(pooled_stages=(1, 2))  # stride 4 (24 channels) and stride 8 (40)
+    tokens = pooled(pixels)
+    assert tokens.shape == (2, 49, 24 + 40 + 1280) == (2, pooled.num_tokens, pooled.feature_dim)
+    torch.testing.assert_close(tokens[..., 64:], lite0(pixels), rtol=0, atol=0)  # the final map, unchanged
+    with torch.no_grad():
+        stride4, stride8 = lite0.model.forward_intermediates(pixels.contiguous(memory_format=torch.channels_last), indices=[1, 2], intermediates_only=True)
+    by_hand = torch.nn.functional.avg_pool2d(stride4, 8).flatten(2).transpose(1, 2)  # 56 x 56 -> 7 x 7
+    torch.testing.assert_close(tokens[..., :24], by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens[..., 24:64], torch.nn.functional.avg_pool2d(stride8, 4).flatten(2).transpose(1, 2),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="ViT"):
+        FrozenImageEncoder("vit_tiny_patch16_224", pretrained=False, pooled_stages=(1,))
+    with pytest.raises(ValueError, match=r"pooled_stages=\(9,\)"):
+        FrozenImageEncoder(pretrained=False, pooled_stages=(9,))
+
+
 @pytest.mark.parametrize("layer", [-1, -2])
 def test_vit_keeps_its_cls_token(layer):
     vit = FrozenImageEncoder("vit_tiny_patch16_224", feature_layer=layer, pretrained=False)
@@ -127,7 +145,8 @@ def test_cache_is_reused_and_rebuilt_when_its_key_changes(tiny_split, tmp_path):
     assert recomputes(small, version="v2")
     assert recomputes(counted(image_size=96))
     assert recomputes(counted(image_size=64, feature_layer=-2))
-    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    assert recomputes(counted(image_size=64, pooled_stages=(2,)))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 5
     assert not list(tmp_path.glob("*.tmp"))
 
 

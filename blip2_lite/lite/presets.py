@@ -47,12 +47,12 @@ STAGE1_PRESETS = {
     "course": Stage1Preset(TrainConfig(steps=400, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
                                        eval_every=50, checkpoint_every=50), num_query_tokens=8, rerank_k=5,
                            dropout=0.0, world_itg_vocab=True, itm_pairs=8),
-    # The course's steps with the paper's recipe (BERT's dropout, the whole vocabulary, ITM on every
-    # pair): the reference for what the course's deviations change, at 2.9x the time.
     # The course without ITG: the paper's Table 6 ablation in miniature (``python -m blip2_lite reproduce``).
     "course-no-itg": Stage1Preset(TrainConfig(steps=400, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
                                               eval_every=50, checkpoint_every=50), num_query_tokens=8, rerank_k=5,
                                   dropout=0.0, world_itg_vocab=True, itm_pairs=8, itg=False),
+    # The course's steps with the paper's recipe (BERT's dropout, the whole vocabulary, ITM on every
+    # pair): the reference for what the course's deviations change, at 2.9x the time.
     "paper": Stage1Preset(TrainConfig(steps=400, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
                                       eval_every=50, checkpoint_every=50), num_query_tokens=8, rerank_k=5),
     "long": Stage1Preset(TrainConfig(steps=2000, batch_size=48, lr=3e-4, min_lr=3e-5, warmup_steps=100,

@@ -14,7 +14,8 @@ from ..atomic import write_json
 from ..evaluate.captioning import caption_image_gap, caption_scores
 from ..evaluate.vqa import vqa_scores
 from ..families import llm_family
-from ..stage2 import Blip2, language_batch, split_for_prefix_lm
+from ..llm_inputs import language_batch, split_for_prefix_lm
+from ..stage2 import Blip2
 from ..train import train
 from .llm import llm_cache_dir, load_lite_llm
 from .paths import cache_root
@@ -28,7 +29,7 @@ def stage2_sampler(features: torch.Tensor, captions: list[list[str]], tokenizer,
 
     Decoder-only LLMs get no text prompt (the caption follows the soft prompt). Encoder-decoder LLMs
     get prefix language modelling: the caption is split at a random word, the prefix joins the soft
-    prompt in the encoder and the rest is the decoder's target (``stage2.split_for_prefix_lm``).
+    prompt in the encoder and the rest is the decoder's target (``llm_inputs.split_for_prefix_lm``).
     """
     n, per_image = len(captions), len(captions[0])
     if batch_size > n:

@@ -19,6 +19,16 @@ from .paths import cache_root
 from .shapes_world import DATASET_VERSION, load_shapes_world
 
 MAX_TEXT_LEN = 32  # the paper's maximum caption length
+# EfficientNet-Lite0's final map tells shapes apart but hardly colours, its earlier stages read colour
+# well (linear probes, ``feature_probe``; README): the lite world's tokens carry both, the earlier
+# stages average-pooled onto the final 7 x 7 grid.
+LITE_POOLED_STAGES = (1, 2, 3)
+
+
+def lite_encoder(pretrained: bool = True) -> FrozenImageEncoder:
+    """The lite world's frozen encoder: EfficientNet-Lite0 (ImageNet weights), 49 tokens of its final map
+    with the stride-4, -8 and -16 stages' channels in front (``LITE_POOLED_STAGES``)."""
+    return FrozenImageEncoder(pretrained=pretrained, pooled_stages=LITE_POOLED_STAGES)
 
 
 @dataclass
@@ -70,7 +80,7 @@ def load_lite_world(root: str | None = None, sizes: dict | None = None, progress
     its captions with the Q-Former's BERT tokenizer. Everything is cached under ``root``."""
     root = Path(root or cache_root())
     dataset = load_shapes_world(root, sizes=sizes, progress=progress)
-    encoder = FrozenImageEncoder()
+    encoder = lite_encoder()
     tokenizer = bert_tokenizer()
     splits = {}
     for name, split in dataset.items():

@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 from ..distributed import distributed_world
 from ..encoders.images import load_image
 from ..eval_sets import AnnotationError, annotation_field, load_vqav2, read_annotations
-from ..stage2 import language_batch, split_for_prefix_lm
+from ..llm_inputs import language_batch, split_for_prefix_lm
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class ImageTextDataset(Dataset):
     """Samples decoded and augmented on demand, indexed by ``(epoch, index)``.
 
     ``prefix_lm``: cut each target at a random word and move the start into the prompt (FlanT5's
-    prefix language modelling in stage 2, ``stage2.split_for_prefix_lm``). ``features``: read each
+    prefix language modelling in stage 2, ``llm_inputs.split_for_prefix_lm``). ``features``: read each
     image's cached frozen features (by ``image_id``, ``feature_cache.FeatureCache``) instead of
     decoding and augmenting it."""
 
@@ -163,7 +163,7 @@ def stage1_collate(tokenizer, max_length: int = 32) -> Callable[[list[dict]], di
 
 
 def stage2_collate(tokenizer, encoder_decoder: bool) -> Callable[[list[dict]], dict]:
-    """Stage-2 batches: pixels and (prompt, target) tokens for the frozen LLM (``stage2.language_batch``)."""
+    """Stage-2 batches: pixels and (prompt, target) tokens for the frozen LLM (``llm_inputs.language_batch``)."""
 
     def collate(items: list[dict]) -> dict:
         tokens = language_batch(tokenizer, [item["prompt"] for item in items], [item["target"] for item in items],
