@@ -121,7 +121,8 @@ for position, layer in enumerate(maps.layers):
           f"{100 * after[position].mean():.1f}% after (queries: {100 * after[position].min():.1f}-"
           f"{100 * after[position].max():.1f}%)")
 assert abs(before.mean() - share) < 0.03, "the untrained queries should look everywhere alike"
-assert after[-1].min() > 2 * share, "after stage 1 every query of the last cross layer looks at the objects"
+assert after[-1].mean() > 2 * share, "after stage 1 the last cross layer does not look at the objects"
+assert int((after[-1] > 2 * share).sum()) >= len(after[-1]) - 1, "after stage 1 at most one query looks elsewhere"
 
 # %% [markdown]
 # Do the queries specialise (one per object, or per region)? Measured, not claimed: below, the
@@ -134,11 +135,14 @@ for layer, value in zip(maps.layers, spread):
     print(f"layer {layer}: queries' maps differ by at most {value:.4f} (attention weights sum to 1 over 49 patches)")
 
 # %% [markdown]
-# In this course-sized model the queries barely specialise: they differ somewhat in layer 0 and
-# hardly at all by the last cross-attention layer, where all of them look at the objects. With
-# scenes of at most three objects and a few hundred training steps, ITC's max over queries is
-# satisfied by queries that all carry the whole scene; the paper's 32 queries trained for 250k
-# steps on web images have more reason to divide the work.
+# In this course-sized model the queries specialise only in one way. In the last cross-attention
+# layer all of them but one put nearly the same map on the objects; the odd one out (printed in
+# section 2: the lowest share of the last layer) puts less on the objects than their share of the
+# patches: it reads the background around them (what it carries from there is not measured
+# here). Among the others, no query takes one object or one region: with scenes of at most three
+# objects and a few hundred training steps, ITC's max over queries is satisfied by queries that all
+# carry the whole scene; the paper's 32 queries trained for 250k steps on web images have more
+# reason to divide the work.
 #
 # ## 3. The query that decides a caption's ITC score
 #
@@ -179,7 +183,8 @@ assert torch.allclose(per_word.sum(dim=(-1, -2)), torch.ones(len(per_word)), ato
 
 # %% [markdown]
 # A word can only mix the queries' maps. Where the queries look alike (section 2), so do the
-# words: in this course-sized model "orange" and "triangle" cannot yet point to different objects.
+# words: in this course-sized model "orange" and "triangle" cannot point to different objects, only
+# weigh the objects against the background differently.
 # Grad-CAM, which weighs the cross-attention by its effect on the match logit, separates more.
 #
 # How do the maps change with the caption? Below, the same image with its five captions: the
@@ -198,8 +203,8 @@ print(f"largest difference between two captions' mean word maps: {gap:.4f}")
 
 # %% [markdown]
 # In the course-sized model the word maps barely move with the caption (the difference printed
-# above is small next to the 1/49 a uniform map puts on each patch): the queries look alike, so
-# whatever the words, they mix the same maps. Grad-CAM, tied to the ITM logit, moves more.
+# above is small next to the 1/49 a uniform map puts on each patch): the queries that look at
+# the objects look alike, so whatever the words, they mix nearly the same maps. Grad-CAM, tied to the ITM logit, moves more.
 
 # %% [markdown]
 # ## 5. After stage 2
@@ -242,8 +247,9 @@ else:
 #
 # - A cross-attention map is `[heads, queries, patches]` of a cross-attention layer, with the
 #   encoder's prefix tokens dropped and the patches reshaped row by row to its grid.
-# - After stage 1 the queries of the last cross-attention layer put more than twice the objects'
-#   share of the patches on the objects; untrained, they look everywhere alike.
-# - In the course-sized model the queries do not specialise by the last cross-attention layer.
+# - After stage 1 all queries of the last cross-attention layer but one put more than twice the
+#   objects' share of the patches on the objects, and the odd one out reads the background;
+#   untrained, they look everywhere alike.
+# - Beyond that, the course-sized model's queries do not specialise by object or region.
 # - Words reach the image only through the queries; word maps and ITM Grad-CAM show which patches
 #   support a caption.
