@@ -1,13 +1,14 @@
 """The stage-1 pipeline end to end on a tiny world (smoke preset), and its caching."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from blip2_lite.__main__ import main
-from blip2_lite.lite.stage1_recipe import run_stage1
-from blip2_lite.lite.world import load_lite_world
+from blip2_lite.lite.stage1_recipe import run_stage1, stage1_identity
+from blip2_lite.lite.world import CaptionedImages, load_lite_world
 from blip2_lite.train import CHECKPOINT
 
 SIZES = {"train": 24, "val": 8, "test": 8}
@@ -34,6 +35,13 @@ def test_run_stage1_trains_evaluates_and_reuses_its_run(world, tmp_path):
     again, _, metrics_again = run_stage1("smoke", root=tmp_path, run_dir=tmp_path / "run", world=world, progress=False)
     assert metrics_again == metrics
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_run_on_other_tokens_is_never_resumed(world):
+    train = world.splits["train"]
+    final_map_only = CaptionedImages(train.features[..., -1280:], train.input_ids, train.attention_mask)
+    other = dataclasses.replace(world, splits={**world.splits, "train": final_map_only})
+    assert stage1_identity("smoke", other) != stage1_identity("smoke", world) == stage1_identity("smoke", world)
 
 
 def test_unknown_preset_is_refused(world):

@@ -2,8 +2,9 @@
 
 A preset names a budget: ``course`` fits the course's time on a 2-core CPU, ``long`` is for better
 numbers when there is time, ``smoke`` checks the pipeline in seconds. The README reports what each
-reaches and how long it takes. Runs are cached under a hash of their preset (``config_digest``),
-so editing a preset trains afresh instead of reusing a stale run.
+reaches and how long it takes. Runs are cached under a hash of their preset (``config_digest``;
+stage 1 adds the frozen tokens' shape), so editing a preset trains afresh instead of reusing a stale
+run.
 """
 
 from __future__ import annotations

@@ -64,6 +64,13 @@ def build_stage1_model(world: LiteWorld, preset: Stage1Preset, seed: int = 0):
                        itm_pairs=preset.itm_pairs, itg=preset.itg)
 
 
+def stage1_identity(preset: str, world: LiteWorld) -> str:
+    """The cache name of a stage-1 run: its preset and the shape of the frozen tokens it trains on,
+    so that a run trained on other tokens (another encoder layout) is never resumed."""
+    tokens = tuple(world.splits["train"].features.shape[1:])
+    return f"{preset}-{config_digest((STAGE1_PRESETS[preset], tokens))}"
+
+
 def retrieval_on(model, split: CaptionedImages, **kwargs) -> dict[str, float]:
     ids, mask, text_image = split.flat_texts()
     return retrieval(model, split.features, ids, mask, text_image, **kwargs)
@@ -77,8 +84,8 @@ def run_stage1(preset: str = "course", root: str | None = None, run_dir: str | N
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(STAGE1_PRESETS)}")
     chosen = STAGE1_PRESETS[preset]
     root = Path(root or cache_root())
-    run_dir = Path(run_dir or root / "runs" / f"stage1-{preset}-{config_digest(chosen)}")
     world = world or load_lite_world(root, progress=progress)
+    run_dir = Path(run_dir or root / "runs" / f"stage1-{stage1_identity(preset, world)}")
     model = build_stage1_model(world, chosen, seed=chosen.train.seed)
     val = world.splits["val"]
     history = train(

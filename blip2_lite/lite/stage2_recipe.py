@@ -20,7 +20,7 @@ from ..train import train
 from .llm import llm_cache_dir, load_lite_llm
 from .paths import cache_root
 from .presets import STAGE1_PRESETS, STAGE2_PRESETS, config_digest
-from .stage1_recipe import build_stage1_model, run_stage1
+from .stage1_recipe import build_stage1_model, run_stage1, stage1_identity
 from .world import LiteWorld, load_lite_world
 
 
@@ -143,9 +143,8 @@ def run_stage2(family: str = "opt", preset: str = "course", root: str | None = N
     world = world or load_lite_world(root, progress=progress)
     if stage1_model is None and not chosen.skip_stage1:
         stage1_model, _, _ = run_stage1(chosen.stage1, root, world=world, progress=progress, device=device)
-    stage1_identity = f"{chosen.stage1}-{config_digest(STAGE1_PRESETS[chosen.stage1])}"
     llm_identity = llm_cache_dir(family, world.dataset, root).name
-    identity = (STAGE2_RUN_VERSION, chosen, stage1_identity, llm_identity)
+    identity = (STAGE2_RUN_VERSION, chosen, stage1_identity(chosen.stage1, world), llm_identity)
     run_dir = Path(run_dir or root / "runs" / f"stage2-{family}-{preset}-{config_digest(identity)}")
     model = build_stage2_model(world, family, stage1_model, chosen.stage1, root=root, progress=progress,
                                seed=chosen.train.seed)
