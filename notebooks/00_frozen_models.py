@@ -174,6 +174,7 @@ assert not encoder.training  # and asking for training mode does not change that
 # each of the 49 positions and three individual channels.
 
 # %%
+from blip2_lite.lite.feature_probe import object_cell
 from blip2_lite.lite.shapes_world import make_scene
 
 scene = make_scene("train", 0)
@@ -183,16 +184,10 @@ print("features", tuple(scene_features.shape), "| caption:", scene["captions"][0
 grid = scene_features.reshape(7, 7, -1)  # row-major: token 7*r + c is grid cell (r, c)
 norms = grid.norm(dim=-1)
 
-
-def cell_of(obj):  # the 7 x 7 cell (row, col) holding the centre of an object's bounding box
-    x0, y0, x1, y1 = obj["bbox"]
-    return int((y0 + y1) / 2 // 32), int((x0 + x1) / 2 // 32)
-
-
 # for each object, the channel most active at its cell relative to the scene's average
 object_channels = []
 for obj in scene["objects"]:
-    row, col = cell_of(obj)
+    row, col = object_cell(obj, side=7, image_size=224)  # the cell under the object's centre
     channel = int((grid[row, col] - scene_features.mean(dim=0)).argmax())
     object_channels.append((f"{obj['color']} {obj['shape']}", channel))
 
@@ -217,7 +212,7 @@ plt.show()
 rows = torch.arange(7)
 near_objects = torch.zeros(7, 7, dtype=torch.bool)  # cells within one step of an object's cell
 for obj in scene["objects"]:
-    row, col = cell_of(obj)
+    row, col = object_cell(obj, side=7, image_size=224)
     near_objects |= ((rows[:, None] - row).abs() <= 1) & ((rows[None, :] - col).abs() <= 1)
 print(f"mean feature norm: {float(norms[near_objects].mean()):.1f} near the shapes, "
       f"{float(norms[~near_objects].mean()):.1f} elsewhere")

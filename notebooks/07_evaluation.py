@@ -21,7 +21,7 @@
 # CIDEr), VQA with the VQAv2 accuracy, and retrieval with recall after ITM re-ranking. Each has a
 # detail that changes the numbers when it is got wrong. This chapter:
 #
-# 1. computes BLEU, ROUGE-L and CIDEr-D by hand and checks them against pycocoevalcap, and shows
+# 1. computes BLEU, ROUGE-L, CIDEr-D and METEOR by hand and checks them against pycocoevalcap, and shows
 #    why CIDEr-D must be computed over a whole split;
 # 2. computes the VQAv2 accuracy by hand, with the cases where scripts disagree;
 # 3. draws the retrieval protocol (ITC for every pair, ITM for each query's top k) and checks the
@@ -32,9 +32,11 @@
 #    reproduce`).
 
 # %%
+import itertools
 import json
 import math
 import textwrap
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -42,6 +44,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor import meteor as meteor_wrapper
+from pycocoevalcap.meteor.meteor import Meteor
 
 from blip2_lite.evaluate.coco_caption import coco_caption_scores, tokenize
 from blip2_lite.evaluate.retrieval import itc_embeddings, itc_score_matrix, itm_match_logits, itm_rerank
@@ -181,9 +185,86 @@ print(f"the first caption scored alone: {alone:.1f}")
 assert np.allclose(by_hand, per_image, atol=1e-9) and alone == 0
 
 # %% [markdown]
-# METEOR (a Java program inside pycocoevalcap) aligns words with stems and synonyms; SPICE parses
-# captions into scene graphs with Stanford CoreNLP, which pycocoevalcap downloads on first use:
-# offline it cannot run, so the package reports it as unavailable instead of crashing
+# **METEOR** (Banerjee & Lavie, 2005; pycocoevalcap runs Meteor 1.5, Denkowski & Lavie, 2014, as
+# `meteor-1.5.jar -l en -norm`) aligns the candidate's words one to one with a reference's words:
+# exact matches (weight 1), then Snowball stems (0.6), WordNet synonyms (0.8) and phrases of its
+# paraphrase table (0.6). Among the alignments with the most matches it keeps the one with the
+# fewest *chunks*, runs of matched words that are adjacent and in the same order in both. Then
+#
+# - precision P and recall R count the matched words, content words weighted delta = 0.75 and
+#   function words (a list of 93 inside the jar: "a", "of", "the", ...) 1 - delta;
+# - F_mean = P R / (alpha P + (1 - alpha) R) with alpha = 0.85: recall weighs more;
+# - a fragmentation penalty gamma (chunks / matches)^beta, gamma = 0.6, beta = 0.2 (0 when the
+#   candidate equals the reference);
+# - METEOR = (1 - penalty) F_mean, for the best of the references.
+#
+# These are Meteor 1.5's English defaults. In our example every aligned word is an exact match
+# (Meteor counts no stem, synonym or paraphrase match for it), so the hand version below needs only
+# exact matching, searched by brute force over one-to-one alignments. The colour swap costs chunks:
+# "a red square left of a blue circle" aligns with "a red circle to the left of a blue square" in 4
+# pieces.
+
+# %%
+METEOR_JAR = Path(meteor_wrapper.__file__).parent / meteor_wrapper.METEOR_JAR  # the jar pycocoevalcap runs
+FUNCTION_WORDS = set(zipfile.ZipFile(METEOR_JAR).read("function/english.words").decode().split())
+
+
+def exact_alignment(words, ref):
+    """The one-to-one exact alignment with the most matches, then the fewest chunks."""
+    options = [[None] + [j for j, r in enumerate(ref) if r == w] for w in words]
+    best = None
+    for choice in itertools.product(*options):
+        pairs = [(i, j) for i, j in enumerate(choice) if j is not None]
+        if len({j for _, j in pairs}) < len(pairs):
+            continue  # a reference word used twice
+        chunks = sum(k == 0 or (i, j) != (pairs[k - 1][0] + 1, pairs[k - 1][1] + 1) for k, (i, j) in enumerate(pairs))
+        if best is None or (-len(pairs), chunks) < (-len(best[0]), best[1]):
+            best = (pairs, chunks)
+    return best
+
+
+def meteor_by_hand(candidate, reference, alpha=0.85, beta=0.2, gamma=0.6, delta=0.75):
+    words, ref = candidate.split(), reference.split()
+    pairs, chunks = exact_alignment(words, ref)
+    if not pairs:
+        return 0.0, 0
+
+    def weighted(matched, all_words):  # content words weigh delta, function words 1 - delta
+        weight = lambda ws: sum(1 - delta if w in FUNCTION_WORDS else delta for w in ws)  # noqa: E731
+        return weight(matched) / weight(all_words)
+
+    precision = weighted([words[i] for i, _ in pairs], words)
+    recall = weighted([ref[j] for _, j in pairs], ref)
+    f_mean = precision * recall / (alpha * precision + (1 - alpha) * recall)
+    identical = len(pairs) == len(words) == len(ref) and chunks == 1
+    penalty = 0.0 if identical else gamma * (chunks / len(pairs)) ** beta
+    return (1 - penalty) * f_mean, chunks
+
+
+per_reference = [meteor_by_hand(candidate, r) for r in references]
+meteor = max(score for score, _ in per_reference)
+library = coco_caption_scores([candidate], [references], metrics=("METEOR",))["METEOR"]
+print("per reference (METEOR, chunks):", [(round(100 * s, 2), c) for s, c in per_reference])
+print(f"METEOR by hand: {100 * meteor:.4f} | pycocoevalcap: {library:.4f}")
+assert abs(100 * meteor - library) < 1e-6
+assert per_reference[0][1] == 4  # the swapped colours split the alignment into 4 chunks
+
+# %% [markdown]
+# Over a split, pycocoevalcap's METEOR is Meteor's score of the *summed* match statistics of all
+# captions, not the mean of the per-caption scores:
+
+# %%
+gts, res = tokenize([candidate, "two yellow squares"], [references[:1], ["two yellow squares side by side"]])
+scorer = Meteor()
+split_score, per_caption = scorer.compute_score(gts, res)
+del scorer  # stops its Java process
+print(f"per caption: {[round(100 * x, 1) for x in per_caption]}, their mean {100 * np.mean(per_caption):.1f}, "
+      f"the split's METEOR {100 * split_score:.1f}")
+assert abs(per_caption[0] - meteor) < 1e-9 and abs(split_score - np.mean(per_caption)) > 0.01
+
+# %% [markdown]
+# SPICE parses captions into scene graphs with Stanford CoreNLP, which pycocoevalcap downloads on
+# first use: offline it cannot run, so the package reports it as unavailable instead of crashing
 # (`blip2_lite.evaluate.coco_caption.SPICE_NOTE`).
 #
 # ## 2. VQA accuracy
@@ -353,7 +434,7 @@ print(report.read_text()[:1500] if report.exists() else f"no report yet: run `py
 # %% [markdown]
 # ## Summary
 #
-# - BLEU and ROUGE-L computed by hand equal pycocoevalcap's; CIDEr-D depends on the set it is
+# - BLEU, ROUGE-L and METEOR computed by hand equal pycocoevalcap's; CIDEr-D depends on the set it is
 #   computed over (a caption alone scores 0), so splits are scored in one call.
 # - VQA accuracy gives 0.9 for three agreeing annotators; normalisation makes "the two dogs" equal
 #   "2 dogs"; the official script and LAVIS's copy disagree on "two" against ten "2".

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from blip2_lite.encoders.timm_encoder import FrozenImageEncoder
-from blip2_lite.lite.feature_probe import channel_groups, linear_probe, object_tokens
+from blip2_lite.lite.feature_probe import channel_groups, linear_probe, object_cell, object_tokens
 
 
 def test_channel_groups_cover_the_tokens_in_order():
@@ -25,6 +25,12 @@ def test_object_tokens_take_the_cell_under_each_centre():
     torch.testing.assert_close(tokens, torch.stack([features[0, 0], features[1, 5], features[1, 7]]).float())
     with pytest.raises(ValueError, match="side"):
         object_tokens(features[:, :8], objects, image_size=90)
+
+
+def test_object_cell_is_row_then_column_of_the_centre():
+    obj = {"bbox": [62, 30, 88, 58]}  # centre x 75, y 44
+    assert object_cell(obj, side=3, image_size=90) == (1, 2)
+    assert object_cell(obj, side=7, image_size=224) == (1, 2)  # 32-px cells
 
 
 def test_probe_reads_a_linear_code_and_not_noise():

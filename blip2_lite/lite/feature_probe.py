@@ -24,18 +24,24 @@ def channel_groups(encoder) -> dict[str, slice]:
     return groups
 
 
+def object_cell(obj: dict, side: int, image_size: int) -> tuple[int, int]:
+    """The (row, col) of the ``side`` x ``side`` token grid over an ``image_size`` image that holds the
+    centre of the object's bounding box."""
+    x0, y0, x1, y1 = obj["bbox"]
+    cell = image_size / side
+    return int((y0 + y1) / 2 // cell), int((x0 + x1) / 2 // cell)
+
+
 def object_tokens(features: torch.Tensor, objects: list[list[dict]], image_size: int):
     """The token under each object's bounding-box centre, ``[num_objects, D]`` (float32), and each
     object's attributes. ``features`` ``[N, H*W, D]`` is a square grid over images of ``image_size``."""
     side = int(features.shape[1] ** 0.5)
     if side * side != features.shape[1] or len(objects) != len(features):
         raise ValueError(f"need [N, side*side, D] features for {len(objects)} scenes, got {tuple(features.shape)}")
-    cell = image_size / side
     index, rows = [], []
     for image, scene in enumerate(objects):
         for obj in scene:
-            x0, y0, x1, y1 = obj["bbox"]
-            row, col = int((y0 + y1) / 2 // cell), int((x0 + x1) / 2 // cell)
+            row, col = object_cell(obj, side, image_size)
             index.append((image, row * side + col))
             rows.append(obj)
     images, tokens = torch.tensor(index).T
