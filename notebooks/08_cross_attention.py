@@ -204,7 +204,8 @@ print(f"largest difference between two captions' mean word maps: {gap:.4f}")
 # %% [markdown]
 # In the course-sized model the word maps barely move with the caption (the difference printed
 # above is small next to the 1/49 a uniform map puts on each patch): the queries that look at
-# the objects look alike, so whatever the words, they mix nearly the same maps. Grad-CAM, tied to the ITM logit, moves more.
+# the objects look alike, so whatever the words, they mix nearly the same maps. Grad-CAM, tied to
+# the ITM logit, moves more.
 
 # %% [markdown]
 # ## 5. After stage 2

@@ -68,9 +68,9 @@ def test_pooled_stages_are_earlier_maps_averaged_onto_the_final_grid(lite0):
     torch.testing.assert_close(tokens[..., 24:64], torch.nn.functional.avg_pool2d(stride8, 4).flatten(2).transpose(1, 2),
                                rtol=1e-5, atol=1e-5)
     on_stride16 = FrozenImageEncoder(feature_layer=-2, pooled_stages=(2,))  # onto an intermediate map's grid
-    stride16 = FrozenImageEncoder(feature_layer=-2)(pixels)
-    assert on_stride16(pixels).shape == (2, 196, 40 + 112)
-    torch.testing.assert_close(on_stride16(pixels)[..., 40:], stride16, rtol=0, atol=0)
+    stride16, tokens16 = FrozenImageEncoder(feature_layer=-2)(pixels), on_stride16(pixels)
+    assert tokens16.shape == (2, 196, 40 + 112)
+    torch.testing.assert_close(tokens16[..., 40:], stride16, rtol=0, atol=0)
     with pytest.raises(ValueError, match="ViT"):
         FrozenImageEncoder("vit_tiny_patch16_224", pretrained=False, pooled_stages=(1,))
     with pytest.raises(ValueError, match=r"pooled_stages=\(9,\)"):
