@@ -10,7 +10,7 @@ import pytest
 from blip2_lite.__main__ import main
 from blip2_lite.families import FAMILIES
 from blip2_lite.lite import presets, shapes_world
-from blip2_lite.reproduce import reproduce
+from blip2_lite.reproduce import REPRODUCE_PRESETS, reproduce
 
 SIZES = {"train": 24, "val": 8, "test": 8}
 
@@ -54,3 +54,13 @@ def test_cli_refuses_an_unknown_preset_in_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["reproduce", "--preset", "huge"])
     assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(REPRODUCE_PRESETS))
+def test_each_ablation_differs_from_its_run_in_the_ablated_part_only(name):
+    chosen = REPRODUCE_PRESETS[name]
+    full, no_itg = presets.STAGE1_PRESETS[chosen.stage1], presets.STAGE1_PRESETS[chosen.stage1_no_itg]
+    assert full.itg and not no_itg.itg and replace(no_itg, itg=True) == full  # Table 6: only ITG differs
+    with_stage1, without = presets.STAGE2_PRESETS[chosen.stage2], presets.STAGE2_PRESETS[chosen.stage2_no_stage1]
+    assert with_stage1.stage1 == chosen.stage1 and without.skip_stage1 and not with_stage1.skip_stage1
+    assert replace(without, skip_stage1=False) == with_stage1  # Figure 5: only stage 1 differs
