@@ -43,7 +43,8 @@ class ReproducePreset:
 
 REPRODUCE_PRESETS = {
     "course": ReproducePreset("course", "course-no-itg", "course", "course-no-stage1"),
-    # About two hours on 2 cores (README): two 2000-step stage-1 runs and four 2000-step stage-2 runs.
+    # About 2 h 15 min on 2 cores (README, from its measured parts): two 2000-step stage-1 runs and
+    # four 2000-step stage-2 runs.
     "long": ReproducePreset("long", "long-no-itg", "long", "long-no-stage1"),
     "smoke": ReproducePreset("smoke", "smoke-no-itg", "smoke", "smoke-no-stage1"),
 }
