@@ -10,7 +10,7 @@ run.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..train import TrainConfig
 
@@ -48,10 +48,6 @@ STAGE1_PRESETS = {
     "course": Stage1Preset(TrainConfig(steps=400, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
                                        eval_every=50, checkpoint_every=50), num_query_tokens=8, rerank_k=5,
                            dropout=0.0, world_itg_vocab=True, itm_pairs=8),
-    # The course without ITG: the paper's Table 6 ablation in miniature (``python -m blip2_lite reproduce``).
-    "course-no-itg": Stage1Preset(TrainConfig(steps=400, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
-                                              eval_every=50, checkpoint_every=50), num_query_tokens=8, rerank_k=5,
-                                  dropout=0.0, world_itg_vocab=True, itm_pairs=8, itg=False),
     # The course's steps with the paper's recipe (BERT's dropout, the whole vocabulary, ITM on every
     # pair): the reference for what the course's deviations change, at 2.9x the time.
     "paper": Stage1Preset(TrainConfig(steps=400, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
@@ -59,17 +55,15 @@ STAGE1_PRESETS = {
     "long": Stage1Preset(TrainConfig(steps=2000, batch_size=48, lr=3e-4, min_lr=3e-5, warmup_steps=100,
                                      eval_every=250, checkpoint_every=100), num_query_tokens=16, rerank_k=16,
                          dropout=0.0, world_itg_vocab=True, itm_pairs=16),
-    # The long run without ITG: Table 6's ablation at the long budget (``reproduce --preset long``).
-    "long-no-itg": Stage1Preset(TrainConfig(steps=2000, batch_size=48, lr=3e-4, min_lr=3e-5, warmup_steps=100,
-                                            eval_every=250, checkpoint_every=100), num_query_tokens=16, rerank_k=16,
-                                dropout=0.0, world_itg_vocab=True, itm_pairs=16, itg=False),
     "smoke": Stage1Preset(TrainConfig(steps=4, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=2,
                                       checkpoint_every=2), num_query_tokens=4, rerank_k=2,
                           dropout=0.0, world_itg_vocab=True, itm_pairs=4),
-    "smoke-no-itg": Stage1Preset(TrainConfig(steps=4, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=2,
-                                             checkpoint_every=2), num_query_tokens=4, rerank_k=2,
-                                 dropout=0.0, world_itg_vocab=True, itm_pairs=4, itg=False),
 }
+
+
+# The paper's Table 6 ablation in miniature (``python -m blip2_lite reproduce``): each run without ITG.
+for _run in ("course", "long", "smoke"):
+    STAGE1_PRESETS[f"{_run}-no-itg"] = replace(STAGE1_PRESETS[_run], itg=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,21 +82,15 @@ STAGE2_PRESETS = {
     # Validation every 50 steps includes zero-shot VQA on 100 val images: Figure 5's curve.
     "course": Stage2Preset(TrainConfig(steps=200, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
                                        eval_every=50, checkpoint_every=100), val_vqa_images=100),
-    # The paper's Figure 5 ablation: the same training from a Q-Former that skipped stage 1.
-    "course-no-stage1": Stage2Preset(TrainConfig(steps=200, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=20,
-                                                 eval_every=50, checkpoint_every=100), skip_stage1=True,
-                                     val_vqa_images=100),
     "long": Stage2Preset(TrainConfig(steps=2000, batch_size=48, lr=3e-4, min_lr=3e-5, warmup_steps=100,
                                      eval_every=250, checkpoint_every=100), stage1="long", val_vqa_images=300),
-    "long-no-stage1": Stage2Preset(TrainConfig(steps=2000, batch_size=48, lr=3e-4, min_lr=3e-5, warmup_steps=100,
-                                               eval_every=250, checkpoint_every=100), stage1="long", skip_stage1=True,
-                                   val_vqa_images=300),
     "smoke": Stage2Preset(TrainConfig(steps=4, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=2,
                                       checkpoint_every=2), stage1="smoke", val_vqa_images=4),
-    "smoke-no-stage1": Stage2Preset(TrainConfig(steps=4, batch_size=8, lr=3e-4, warmup_steps=1, eval_every=2,
-                                                checkpoint_every=2), stage1="smoke", skip_stage1=True,
-                                    val_vqa_images=4),
 }
+
+# The paper's Figure 5 ablation: each run's training from a Q-Former that skipped stage 1.
+for _run in ("course", "long", "smoke"):
+    STAGE2_PRESETS[f"{_run}-no-stage1"] = replace(STAGE2_PRESETS[_run], skip_stage1=True)
 
 
 # ---------------------------------------------------------------------------------------------------
