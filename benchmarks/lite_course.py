@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,6 +39,7 @@ from blip2_lite.lite import (
     run_stage2,
 )
 from blip2_lite.lite.llm import load_lite_llm
+from blip2_lite.lite.presets import with_seed
 from blip2_lite.lite.shapes_world import (
     caption_ambiguity,
     chance_levels,
@@ -58,16 +58,6 @@ def cpu_model() -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     return platform.processor() or "unknown CPU"
-
-
-def seeded(presets: dict, name: str, seed: int, **changes) -> str:
-    """The name of ``presets[name]`` with ``train.seed = seed`` (registered as ``<name>-seed<s>`` if new)."""
-    preset = presets[name]
-    if preset.train.seed == seed and not changes:
-        return name
-    derived = f"{name}-seed{seed}"
-    presets[derived] = replace(preset, train=replace(preset.train, seed=seed), **changes)
-    return derived
 
 
 def parse_sizes(text: str | None) -> dict | None:
@@ -125,8 +115,8 @@ def main():
         per_seed = {}  # seed -> {"stage1": metrics, family: metrics}
         for seed in seeds:
             tag = "" if len(seeds) == 1 else f" seed{seed}"
-            s1 = None if stage1_name is None else seeded(STAGE1_PRESETS, stage1_name, seed)
-            s2 = seeded(STAGE2_PRESETS, args.preset, seed, **({} if s1 == stage1_name else {"stage1": s1}))
+            s1 = None if stage1_name is None else with_seed(STAGE1_PRESETS, stage1_name, seed)
+            s2 = with_seed(STAGE2_PRESETS, args.preset, seed, **({} if s1 == stage1_name else {"stage1": s1}))
             metrics, model = {}, None
             if s1 is not None:
                 model, _, metrics["stage1"] = timed(f"stage1{tag}", run_stage1, s1, root=root, world=world,

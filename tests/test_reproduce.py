@@ -10,7 +10,7 @@ import pytest
 from blip2_lite.__main__ import main
 from blip2_lite.families import FAMILIES
 from blip2_lite.lite import presets, shapes_world
-from blip2_lite.reproduce import REPRODUCE_PRESETS, reproduce
+from blip2_lite.reproduce import REPRODUCE_PRESETS, reproduce, seeded
 
 SIZES = {"train": 24, "val": 8, "test": 8}
 
@@ -56,11 +56,34 @@ def test_cli_refuses_an_unknown_preset_in_one_line(capsys):
     assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+@pytest.fixture
+def registries():
+    """``seeded`` registers presets: put the registries back as they were."""
+    saved = [(registry, dict(registry)) for registry in (presets.STAGE1_PRESETS, presets.STAGE2_PRESETS)]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)
+
+
+@pytest.mark.parametrize("seed", [None, 7])
 @pytest.mark.parametrize("name", sorted(REPRODUCE_PRESETS))
-def test_each_ablation_differs_from_its_run_in_the_ablated_part_only(name):
-    chosen = REPRODUCE_PRESETS[name]
+def test_each_ablation_differs_from_its_run_in_the_ablated_part_only(name, seed, registries):
+    chosen = seeded(name, seed)
     full, no_itg = presets.STAGE1_PRESETS[chosen.stage1], presets.STAGE1_PRESETS[chosen.stage1_no_itg]
     assert full.itg and not no_itg.itg and replace(no_itg, itg=True) == full  # Table 6: only ITG differs
     with_stage1, without = presets.STAGE2_PRESETS[chosen.stage2], presets.STAGE2_PRESETS[chosen.stage2_no_stage1]
     assert with_stage1.stage1 == chosen.stage1 and without.skip_stage1 and not with_stage1.skip_stage1
     assert replace(without, skip_stage1=False) == with_stage1  # Figure 5: only stage 1 differs
+
+
+@pytest.mark.parametrize("name", sorted(REPRODUCE_PRESETS))
+def test_a_seed_changes_every_runs_seed_and_nothing_else(name, registries):
+    plain, chosen = REPRODUCE_PRESETS[name], seeded(name, 7)
+    assert seeded(name, None) == plain
+    for field in ("stage1", "stage1_no_itg", "stage2", "stage2_no_stage1"):
+        registry = presets.STAGE1_PRESETS if field.startswith("stage1") else presets.STAGE2_PRESETS
+        before, after = registry[getattr(plain, field)], registry[getattr(chosen, field)]
+        assert getattr(chosen, field) == f"{getattr(plain, field)}-seed7" and after.train.seed == 7 != before.train.seed
+        link = {"stage1": before.stage1} if registry is presets.STAGE2_PRESETS else {}
+        assert replace(after, train=before.train, **link) == before

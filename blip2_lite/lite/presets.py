@@ -20,6 +20,17 @@ def config_digest(preset) -> str:
     return hashlib.sha256(repr(preset).encode()).hexdigest()[:8]
 
 
+def with_seed(presets: dict, name: str, seed: int, **changes) -> str:
+    """The name of ``presets[name]`` with ``train.seed = seed`` and ``changes``: the preset itself if
+    nothing changes, else a copy registered as ``<name>-seed<s>`` (so each seed has its own run cache)."""
+    preset = presets[name]
+    if preset.train.seed == seed and not changes:
+        return name
+    derived = f"{name}-seed{seed}"
+    presets[derived] = replace(preset, train=replace(preset.train, seed=seed), **changes)
+    return derived
+
+
 # ---------------------------------------------------------------------------------------------------
 # Stage 1: the Q-Former on frozen EfficientNet-Lite0 features (ITC + ITM + ITG)
 
