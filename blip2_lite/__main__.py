@@ -71,6 +71,8 @@ def main(argv=None):
                                                       "write build/reproduce/report.md")
     tables.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="course")
     tables.add_argument("--seed", type=int, default=None, help="training seed of every run (default: the presets')")
+    tables.add_argument("--rerank-k", type=int, default=None,
+                        help="ITM re-ranks each query's top k ITC candidates (default: the stage-1 preset's; LAVIS: 128)")
     tables.add_argument("--root", default=None, help="the lite world's caches (default: cache_root())")
     tables.add_argument("--out", default=None, help="report, plots and results files (default REPO/build/reproduce)")
     caption = commands.add_parser("caption", help="caption image files")
@@ -122,7 +124,7 @@ def main(argv=None):
             history = train_run(int(args.stage[-1]), args.config, args.run_dir, args.annotations, args.images,
                                 args.questions, args.device, args.stop_after)
         elif args.command == "reproduce":
-            report = reproduce(args.preset, root=args.root, seed=args.seed,
+            report = reproduce(args.preset, root=args.root, seed=args.seed, rerank_k=args.rerank_k,
                                out_dir=args.out or (repo_root() or Path.cwd()) / "build" / "reproduce")
         elif args.command == "stage1":
             _, _, metrics = run_stage1(args.preset, root=args.root, run_dir=args.run_dir, device=args.device)

@@ -35,6 +35,13 @@ def test_run_stage1_trains_evaluates_and_reuses_its_run(world, tmp_path):
     again, _, metrics_again = run_stage1("smoke", root=tmp_path, run_dir=tmp_path / "run", world=world, progress=False)
     assert metrics_again == metrics
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # Another re-ranking depth reuses the trained run and caches its metrics beside the preset's.
+    assert "itm_t2i_r5" not in metrics  # the smoke preset re-ranks 2 of the 8 test images: R@5 is undefined
+    _, history_k, metrics_k = run_stage1("smoke", root=tmp_path, run_dir=tmp_path / "run", world=world,
+                                         progress=False, rerank_k=5)
+    assert history_k.steps == history.steps and {k: metrics_k[k] for k in ("i2t_r1", "t2i_r1")} == {
+        k: metrics[k] for k in ("i2t_r1", "t2i_r1")}  # the same model: ITC unchanged
+    assert "itm_t2i_r5" in metrics_k and json.loads((tmp_path / "run" / "test_metrics_k5.json").read_text()) == metrics_k
 
 
 def test_a_run_on_other_tokens_is_never_resumed(world):
@@ -47,6 +54,9 @@ def test_a_run_on_other_tokens_is_never_resumed(world):
 def test_unknown_preset_is_refused(world):
     with pytest.raises(ValueError, match="unknown preset"):
         run_stage1("huge", world=world)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="rerank_k must be a positive number"):
+            run_stage1("smoke", world=world, rerank_k=bad)
     with pytest.raises(SystemExit):
         main(["stage1", "--preset", "huge"])
 

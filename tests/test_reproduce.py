@@ -49,6 +49,14 @@ def test_report_has_every_table_and_a_verdict_per_claim(tmp_path, monkeypatch, c
     assert again["results"] == metrics["results"]  # cached runs, same decoding: the same numbers
     assert again["wall_s"]["stage 1"] < first_times["stage 1"]
 
+    main(["reproduce", "--preset", "smoke", "--root", str(tmp_path / "cache"), "--out", str(tmp_path / "deeper"),
+          "--rerank-k", str(SIZES["test"])])  # every test image re-ranked: R@5 after ITM is defined
+    deeper = json.loads((tmp_path / "deeper" / "metrics.json").read_text())
+    assert metrics["rerank_k"] == 2 and deeper["rerank_k"] == SIZES["test"]
+    assert "itm_t2i_r5" not in metrics["retrieval"] and "itm_t2i_r5" in deeper["retrieval"]
+    assert deeper["results"] == metrics["results"]  # stage 2 and the runners are untouched by k
+    assert f"top k={SIZES['test']} (LAVIS uses 128" in (tmp_path / "deeper" / "report.md").read_text()
+
 
 def test_cli_refuses_an_unknown_preset_in_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -77,12 +77,17 @@ def retrieval_on(model, split: CaptionedImages, **kwargs) -> dict[str, float]:
 
 
 def run_stage1(preset: str = "course", root: str | None = None, run_dir: str | None = None,
-               world: LiteWorld | None = None, progress: bool = True, device: str | torch.device = "cpu"):
+               world: LiteWorld | None = None, progress: bool = True, device: str | torch.device = "cpu",
+               rerank_k: int | None = None):
     """Train stage 1 with a preset (resuming/reusing ``run_dir``) on ``device``, then evaluate retrieval
-    on the test split, with and without ITM re-ranking. Returns ``(model, history, test_metrics)``."""
+    on the test split, with and without ITM re-ranking of the top ``rerank_k`` (default: the preset's;
+    each k's metrics are cached beside the checkpoint). Returns ``(model, history, test_metrics)``."""
     if preset not in STAGE1_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(STAGE1_PRESETS)}")
+    if rerank_k is not None and (isinstance(rerank_k, bool) or not isinstance(rerank_k, int) or rerank_k < 1):
+        raise ValueError(f"rerank_k must be a positive number of candidates, got {rerank_k!r}")
     chosen = STAGE1_PRESETS[preset]
+    top_k = chosen.rerank_k if rerank_k is None else rerank_k
     root = Path(root or cache_root())
     world = world or load_lite_world(root, progress=progress)
     run_dir = Path(run_dir or root / "runs" / f"stage1-{stage1_identity(preset, world)}")
@@ -93,13 +98,13 @@ def run_stage1(preset: str = "course", root: str | None = None, run_dir: str | N
         evaluate=lambda m: {k: v for k, v in retrieval_on(m, val).items() if k.endswith("_r1")}, progress=progress,
         device=device,
     )
-    metrics_path = run_dir / "test_metrics.json"
+    metrics_path = run_dir / ("test_metrics.json" if top_k == chosen.rerank_k else f"test_metrics_k{top_k}.json")
     if metrics_path.exists():
         test_metrics = json.loads(metrics_path.read_text())
     else:
         model.eval()
         relevant = relevance_matrix(world.dataset["test"])
-        test_metrics = retrieval_on(model, world.splits["test"], relevant=relevant, rerank_k=chosen.rerank_k,
+        test_metrics = retrieval_on(model, world.splits["test"], relevant=relevant, rerank_k=top_k,
                                     progress=progress)
         write_json(metrics_path, test_metrics)  # atomic: a half-written file would be reused as a cache
     return model.eval(), history, test_metrics
