@@ -44,8 +44,8 @@ class ReproducePreset:
 
 REPRODUCE_PRESETS = {
     "course": ReproducePreset("course", "course-no-itg", "course", "course-no-stage1"),
-    # About 2 h on 2 cores from an empty cache (README, measured with --seed 1): two 2000-step stage-1 runs and
-    # four 2000-step stage-2 runs.
+    # About 2 h on 2 cores from an empty cache (README, measured with --seed 1): two 2000-step
+    # stage-1 runs and four 2000-step stage-2 runs.
     "long": ReproducePreset("long", "long-no-itg", "long", "long-no-stage1"),
     "smoke": ReproducePreset("smoke", "smoke-no-itg", "smoke", "smoke-no-stage1"),
 }
@@ -151,8 +151,8 @@ def reproduce(preset: str = "course", root: str | None = None, out_dir: str | No
     _figure5(curves, out / "figure5.png")
     total = time.perf_counter() - started
     k = STAGE1_PRESETS[chosen.stage1].rerank_k if rerank_k is None else rerank_k
-    metrics = {"preset": preset, "rerank_k": k, "results": results, "retrieval": retrieval, "retrieval_no_itg": retrieval_no_itg,
-               "figure5": curves, "wall_s": clock.times | {"total": total}}
+    metrics = {"preset": preset, "rerank_k": k, "results": results, "retrieval": retrieval,
+               "retrieval_no_itg": retrieval_no_itg, "figure5": curves, "wall_s": clock.times | {"total": total}}
     write_json(out / "metrics.json", metrics)
     path = out / "report.md"
     with atomic_path(path) as tmp:
@@ -177,8 +177,9 @@ def _report(chosen: ReproducePreset, preset: str, m: dict, chance: dict) -> str:
         "Decoding as LAVIS's BLIP-2 configs: captions with beam 5, 8 to 30 new tokens, from an empty prompt "
         "(the lite LLMs learned captions without one); VQA with the family's prompt, beam 5, 1 to 10 new "
         "tokens, length penalty -1 for FlanT5 and 0 for OPT. Retrieval: ITC over all pairs, then ITM "
-        f"re-ranking of the top k={k} " + ("(LAVIS's k_test)." if k == K_TEST else
-                                            f"(LAVIS uses {K_TEST}; `--rerank-k {K_TEST}` follows it at a higher cost)."),
+        f"re-ranking of the top k={k} "
+        + ("(LAVIS's k_test)." if k == K_TEST else
+           f"(LAVIS uses {K_TEST}; `--rerank-k {K_TEST}` follows it at a higher cost)."),
         "",
         "## Table 1 in miniature: zero-shot VQA, captioning, retrieval",
         "",
