@@ -47,8 +47,9 @@ from blip2_lite.train import plot_history
 # their frozen EfficientNet-Lite0 features (cached: the encoder is frozen, so there is nothing to
 # recompute), and the MiniLM BERT that initialises the Q-Former. Every step runs all three
 # objectives on a batch of distinct images, exactly as in chapter 3; only the scale differs. The
-# `course` preset is what a 2-core CPU can afford inside this course: a few minutes of training.
-# The `long` preset (`python -m blip2_lite stage1 --preset long`) sees seven times as many
+# `course` preset is what a 2-core CPU can afford inside this course: 200 steps, about two minutes
+# (the course spends more of its time in chapter 6, where the small OPT must first learn to read).
+# The `long` preset (`python -m blip2_lite stage1 --preset long`) sees fifteen times as many
 # samples, with 16 queries, for better numbers.
 #
 # Two things make the step cheap enough (`benchmarks/stage1_step.py` measures them against a naive
@@ -60,7 +61,7 @@ from blip2_lite.train import plot_history
 # measured: together they make a step 2.9x cheaper on 2 cores (2.07 -> 0.72 s at batch 32), which
 # buys three times the training in the same minutes.
 #
-# * `dropout=0.0` instead of BERT's 0.1: the run sees each scene about four times, so there is
+# * `dropout=0.0` instead of BERT's 0.1: the run sees each scene about twice, so there is
 #   little to regularise yet, and dropout's random masks alone cost 14% of a step. Measured with
 #   ITC alone at batch 64: validation R@1 23% after 132 steps with dropout, 31% after 150 without.
 # * `world_itg_vocab=True`: ITG predicts among the 56 word pieces the world's captions use, not
@@ -138,7 +139,7 @@ for direction in ("i2t", "t2i"):
 
 # %% [markdown]
 # What the numbers say: after a few minutes on a CPU, ITC retrieves the right caption for most
-# test images, a few hundred times more often than chance. ITM has had the same few hundred
+# test images, a few hundred times more often than chance. ITM has had the same 200
 # steps, on a quarter of the pairs; whether its re-ranking helps yet is an empirical question,
 # which the table above answers for this run rather than assumes.
 #
@@ -186,7 +187,7 @@ plt.show()
 #   and 40% text->image; chance is 0.2%). Semantic recall also credits a retrieved image that fits
 #   the caption, which exact recall cannot.
 # * Re-ranking the top candidates with ITM is measured, not assumed: the table reports both rankings
-#   for this run, and after a few hundred steps ITM may or may not help yet.
+#   for this run, and after 200 steps ITM may or may not help yet.
 #
 # The exact numbers depend on the machine and are printed above rather than quoted here. The next
 # chapter hands the queries' outputs to a frozen language model: stage 2.

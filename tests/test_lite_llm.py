@@ -84,16 +84,23 @@ def test_tokenizer_training_is_deterministic(world, tokenizer):
 def test_opt_documents_have_the_agreed_format(world):
     split = world["train"]
     docs = llm_text.opt_documents(split, seed=0)
-    n = len(split)
-    assert len(docs) == 5 * n + 6 * n
+    n, rounds, context = len(split), llm_text.OPT_PARAPHRASE_ROUNDS, llm_text.OPT_PARAPHRASE_CONTEXT
+    assert len(docs) == 5 * n + 6 * n + rounds * 5 * n
     assert docs[: 5 * n] == [f"{c}</s>" for captions in split["captions"] for c in captions]
-    reading = iter(docs[5 * n :])
+    reading = iter(docs[5 * n : 11 * n])
     for captions, questions, answers in zip(split["captions"], split["questions"], split["answers"]):
         for question, ten in zip(questions, answers):
             doc = next(reading)
             suffix = f" {PROMPTS['vqa_opt'].format(question)} {majority_answer(ten)}</s>"
             assert doc.endswith(suffix)
             assert doc[: -len(suffix)] in captions  # the context: a caption of the same image
+    paraphrase = iter(docs[11 * n :])
+    for _ in range(rounds):
+        for captions in split["captions"]:
+            for caption in captions:  # every caption, in order, after `context` others of its image
+                *others, last, empty = next(paraphrase).split("</s>")
+                assert last == caption and empty == "" and len(others) == context
+                assert len(set(others)) == context and set(others) <= set(captions) - {caption}
     assert llm_text.opt_documents(split, seed=0) == docs
     assert llm_text.opt_documents(split, seed=1) != docs  # other contexts
 

@@ -10,9 +10,11 @@ LLM follows a soft prompt only through a route it already uses to read context.
   appends ``</s>`` to targets explicitly. Its training text holds the prompt words without a
   leading space, so " Question" is tokenised as "Ġ" + "Question": the "Question" that follows a
   soft prompt in stage 2 is then the very token the LLM learned after a caption.
-* OPT (decoder-only) reads documents: each caption alone, and reading-comprehension documents
-  "{caption} Question: {q} Answer: {a}</s>", so it learns to answer from the preceding context.
-  In stage 2 the image's soft prompt takes the caption's place. Each document gets a row of its
+* OPT (decoder-only) reads documents: each caption alone, reading-comprehension documents
+  "{caption} Question: {q} Answer: {a}</s>", so it learns to answer from the preceding context, and
+  paraphrase documents "{caption}</s>{caption}</s>{caption}</s>", three captions of one scene, so
+  that it learns to write a caption from what came before it (the route stage 2 needs: there the
+  image's soft prompt takes the place of the context). Each document gets a row of its
   own, after an eos (as OPT's own tokenizer does; so "</s>" alone prompts a caption), starting at
   a random position so that all of OPT's learned position embeddings are trained: in stage 2 the
   text starts after the soft prompt, not at position 0. (Packed GPT-style, several documents per
@@ -39,7 +41,10 @@ from ..prompts import PROMPTS
 from .presets import LLM_VOCAB_SIZE, OPT_SEQ_LEN
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2: the order in which the tokenizer learns them
-CORPUS_VERSION = 3  # bump when the documents, pairs or tokenizer change: cached models are keyed by it
+# OPT's paraphrase documents: rounds over the captions, and how many captions of the scene precede
+# each. Without them OPT's stage-2 captions ignored the image (README, stage 2).
+OPT_PARAPHRASE_ROUNDS, OPT_PARAPHRASE_CONTEXT = 2, 2
+CORPUS_VERSION = 4  # bump when the documents, pairs or tokenizer change: cached models are keyed by it
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -88,11 +93,20 @@ def qa_with_context(split, rng: random.Random):
 
 
 def opt_documents(split, seed: int = 0) -> list[str]:
-    """Each caption as "{caption}</s>", then per question "{context} Question: {q} Answer: {a}</s>"."""
+    """Each caption as "{caption}</s>", then per question "{context} Question: {q} Answer: {a}</s>",
+    then ``OPT_PARAPHRASE_ROUNDS`` times per caption ``OPT_PARAPHRASE_CONTEXT`` other captions of its
+    image and it, each ending in "</s>"."""
+    rng = random.Random(seed)
     captions = [f"{c}{EOS}" for per_image in split["captions"] for c in per_image]
     reading = [f"{context} {FAMILIES['opt'].vqa_prompt.format(q)} {majority_answer(ten)}{EOS}"
-               for context, q, ten, _ in qa_with_context(split, random.Random(seed))]
-    return captions + reading
+               for context, q, ten, _ in qa_with_context(split, rng)]
+    paraphrase = []
+    for _ in range(OPT_PARAPHRASE_ROUNDS):
+        for per_image in split["captions"]:
+            for j, caption in enumerate(per_image):
+                others = rng.sample([i for i in range(len(per_image)) if i != j], OPT_PARAPHRASE_CONTEXT)
+                paraphrase.append("".join(f"{per_image[i]}{EOS}" for i in others) + f"{caption}{EOS}")
+    return captions + reading + paraphrase
 
 
 def paraphrases(split, rng: random.Random):
@@ -178,6 +192,8 @@ def collate(family: str, tokenizer, examples) -> dict:
 
 
 def opt_sampler(documents: list[list[int]], eos_id: int, pad_id: int, batch_size: int):
+    # Not grouped by length, although a paraphrase document is three captions long: batches grouped
+    # so (transformers' LengthGroupedSampler) cost a quarter less but OPT then never learned to copy.
     def sample(rng: torch.Generator) -> dict:
         chosen = torch.randint(len(documents), (batch_size,), generator=rng).tolist()
         return opt_batch([documents[i] for i in chosen], eos_id, pad_id, rng)
