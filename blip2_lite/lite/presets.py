@@ -116,7 +116,7 @@ LLM_SIZES = {
 }
 # By the end of these budgets the held-out perplexity has nearly flattened (README, stage 2). OPT
 # learns to copy from the captions before a caption late and suddenly: at 2e-3 only three of five
-# runs had learned it after 1200 steps, at 1e-3 both runs tried (README, stage 2).
+# runs had learned it after 1200 steps, at 1e-3 all three tried (README, stage 2).
 LLM_TRAIN = {
     "opt": TrainConfig(steps=1200, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=20, eval_every=400,
                        checkpoint_every=1200),
