@@ -100,21 +100,18 @@ def opt_documents(split, seed: int = 0) -> list[str]:
     captions = [f"{c}{EOS}" for per_image in split["captions"] for c in per_image]
     reading = [f"{context} {FAMILIES['opt'].vqa_prompt.format(q)} {majority_answer(ten)}{EOS}"
                for context, q, ten, _ in qa_with_context(split, rng)]
-    paraphrase = []
-    for _ in range(OPT_PARAPHRASE_ROUNDS):
-        for per_image in split["captions"]:
-            for j, caption in enumerate(per_image):
-                others = rng.sample([i for i in range(len(per_image)) if i != j], OPT_PARAPHRASE_CONTEXT)
-                paraphrase.append("".join(f"{per_image[i]}{EOS}" for i in others) + f"{caption}{EOS}")
+    paraphrase = ["".join(f"{c}{EOS}" for c in (*context, caption))
+                  for _ in range(OPT_PARAPHRASE_ROUNDS)
+                  for context, caption in paraphrases(split, rng, OPT_PARAPHRASE_CONTEXT)]
     return captions + reading + paraphrase
 
 
-def paraphrases(split, rng: random.Random):
-    """(another caption of the same image, caption) for every caption of the split."""
+def paraphrases(split, rng: random.Random, context: int = 1):
+    """(``context`` other captions of the same image, caption) for every caption of the split."""
     for captions in split["captions"]:
         for j, caption in enumerate(captions):
-            other = rng.choice([i for i in range(len(captions)) if i != j])
-            yield captions[other], caption
+            others = rng.sample([i for i in range(len(captions)) if i != j], context)
+            yield [captions[i] for i in others], caption
 
 
 def t5_pairs(split, seed: int = 0) -> list[tuple[str, str]]:
@@ -127,7 +124,7 @@ def t5_pairs(split, seed: int = 0) -> list[tuple[str, str]]:
         words = caption.split(" ")
         k = rng.randrange(len(words))
         pairs.append((" ".join(words[:k]), " ".join(words[k:]) + EOS))
-    pairs += [(source, f"{target}{EOS}") for source, target in paraphrases(split, rng)]
+    pairs += [(source, f"{target}{EOS}") for (source,), target in paraphrases(split, rng)]
     pairs += [(f"{context} {FAMILIES['t5'].vqa_prompt.format(q)}", f"{majority_answer(ten)}{EOS}")
               for context, q, ten, _ in qa_with_context(split, rng)]
     return pairs
