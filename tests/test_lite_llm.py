@@ -186,6 +186,22 @@ def test_batched_generation_matches_one_prompt_at_a_time(world, tokenizer, famil
     assert batched == [llm.generate_text(model, tokenizer, family, [p], max_new_tokens=4)[0] for p in prompts]
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_plain_attention_equals_the_fused_kernel(world, tokenizer, family):
+    """The lite LLMs run transformers' plain attention for speed on CPUs: same logits as its default
+    fused kernel (padded rows included)."""
+    model = llm.build_llm(family, tokenizer, seed=0).eval()
+    assert model.config._attn_implementation == presets.LLM_ATTENTION == "eager"
+    batch = llm_text.collate(family, tokenizer, llm_text.tokenized_examples(family, tokenizer, world["val"], seed=0)[:6])
+    inputs = {k: v for k, v in batch.items() if k != "labels"} | (
+        {"decoder_input_ids": batch["input_ids"][:, :5]} if family == "t5" else {})
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        model.set_attn_implementation("sdpa")
+        fused = model(**inputs).logits
+    torch.testing.assert_close(plain, fused, atol=1e-5, rtol=1e-5)
+
+
 def test_text_vqa_accuracy_scores_every_question_type(world, tokenizer):
     model = llm.build_llm("t5", tokenizer, seed=0).eval()
     scores = llm.text_vqa_accuracy(model, tokenizer, "t5", world["val"], context=False)
@@ -220,6 +236,7 @@ def test_load_lite_llm_trains_once_then_loads_the_same_frozen_model(world, famil
         assert torch.equal(model(**inputs).logits, again(**inputs).logits)
     for loaded in (model, again):
         assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+        assert loaded.config._attn_implementation == presets.LLM_ATTENTION  # config.json does not keep it
 
 
 def test_an_interrupted_save_leaves_no_cache(world, tmp_path, monkeypatch):

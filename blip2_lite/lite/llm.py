@@ -36,6 +36,7 @@ from .llm_text import (
 )
 from .paths import cache_root
 from .presets import (
+    LLM_ATTENTION,
     LLM_DROPOUT,
     LLM_SIZES,
     LLM_TRAIN,
@@ -54,9 +55,11 @@ def lite_llm_config(family: str, tokenizer) -> OPTConfig | T5Config:
     if not llm_family(family).encoder_decoder:
         return OPTConfig(vocab_size=len(tokenizer), max_position_embeddings=OPT_SEQ_LEN, do_layer_norm_before=True,
                          word_embed_proj_dim=LLM_SIZES["opt"]["hidden_size"], dropout=LLM_DROPOUT,
-                         bos_token_id=tokenizer.eos_token_id, **ids, **LLM_SIZES["opt"])
+                         bos_token_id=tokenizer.eos_token_id, attn_implementation=LLM_ATTENTION, **ids,
+                         **LLM_SIZES["opt"])
     return T5Config(vocab_size=len(tokenizer), feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                    dropout_rate=LLM_DROPOUT, decoder_start_token_id=tokenizer.pad_token_id, **ids, **LLM_SIZES["t5"])
+                    dropout_rate=LLM_DROPOUT, decoder_start_token_id=tokenizer.pad_token_id,
+                    attn_implementation=LLM_ATTENTION, **ids, **LLM_SIZES["t5"])
 
 
 def build_llm(family: str, tokenizer, seed: int = 0):
@@ -164,8 +167,8 @@ def text_digest(dataset_dict) -> str:
 def llm_cache_dir(family: str, dataset_dict, root: str | Path | None = None) -> Path:
     """``root/llm/{family}-{digest}``, the digest covering everything the cached model depends on."""
     llm_family(family)  # an unknown family fails here
-    key = (family, CORPUS_VERSION, LLM_VOCAB_SIZE, OPT_SEQ_LEN, LLM_DROPOUT, LLM_SIZES[family], LLM_TRAIN[family],
-           text_digest(dataset_dict))
+    key = (family, CORPUS_VERSION, LLM_VOCAB_SIZE, OPT_SEQ_LEN, LLM_DROPOUT, LLM_ATTENTION, LLM_SIZES[family],
+           LLM_TRAIN[family], text_digest(dataset_dict))
     return Path(root or cache_root()) / "llm" / f"{family}-{config_digest(key)}"
 
 
@@ -188,7 +191,8 @@ def load_lite_llm(family: str, dataset_dict=None, root: str | Path | None = None
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "history.json").write_text(json.dumps(history))
-    model = llm_family(family).model_class().from_pretrained(path)
+    # config.json does not keep the attention implementation: name it again
+    model = llm_family(family).model_class().from_pretrained(path, attn_implementation=LLM_ATTENTION)
     return freeze(model), PreTrainedTokenizerFast.from_pretrained(path)
 
 

@@ -126,3 +126,7 @@ LLM_TRAIN = {
 LLM_VOCAB_SIZE = 512  # byte-level BPE over the world's text
 LLM_DROPOUT = 0.0  # pretraining sees each text about once: nothing to regularise, and dropout slows learning
 OPT_SEQ_LEN = 128  # OPT's learned positions: the soft prompt plus the text must fit
+# transformers' plain attention (softmax of a product) rather than PyTorch's fused kernel ("sdpa",
+# transformers' default): on 2 CPU cores in bf16 a pretraining step took 0.18 s instead of 0.23 (OPT)
+# and 0.21 instead of 0.24 (T5), the same losses to 1e-3 (README)
+LLM_ATTENTION = "eager"
