@@ -128,5 +128,5 @@ LLM_DROPOUT = 0.0  # pretraining sees each text about once: nothing to regularis
 OPT_SEQ_LEN = 128  # OPT's learned positions: the soft prompt plus the text must fit
 # transformers' plain attention (softmax of a product) rather than PyTorch's fused kernel ("sdpa",
 # transformers' default): on 2 CPU cores in bf16 a pretraining step took 0.18 s instead of 0.23 (OPT)
-# and 0.21 instead of 0.24 (T5), the same losses to 1e-3 (README)
+# and 0.21 instead of 0.24 (T5), with the same logits to 1e-5 (README; tests/test_lite_llm.py)
 LLM_ATTENTION = "eager"
