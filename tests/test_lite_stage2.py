@@ -9,6 +9,7 @@ import torch
 
 from blip2_lite.families import FAMILIES
 from blip2_lite.lite import presets
+from blip2_lite.lite.llm import llm_cache_dir, load_lite_llm
 from blip2_lite.lite.presets import STAGE1_PRESETS, STAGE2_PRESETS
 from blip2_lite.lite.stage1_recipe import build_stage1_model
 from blip2_lite.lite.stage2_recipe import (
@@ -101,6 +102,19 @@ def test_run_stage2_trains_reports_and_reuses_its_run(world, tmp_path):
                                          progress=False)
     assert metrics_again == metrics
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_presets_llm_seed_picks_its_own_pretrained_llm(world, tmp_path, monkeypatch):
+    """Each pretraining seed is its own cached LLM, and stage 2 trains on the one its preset names."""
+    monkeypatch.setitem(STAGE2_PRESETS, "smoke-llm1", replace(STAGE2_PRESETS["smoke"], llm_seed=1))
+    model, _, _ = run_stage2("opt", "smoke-llm1", root=tmp_path, world=world, progress=False)
+    seed1, _ = load_lite_llm("opt", world.dataset, root=tmp_path, progress=False, seed=1)
+    seed0, _ = load_lite_llm("opt", world.dataset, root=tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "llm").iterdir()) == sorted(
+        llm_cache_dir("opt", world.dataset, tmp_path, seed).name for seed in (0, 1))
+    weights = lambda m: list(m.state_dict().values())  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(weights(model.language_model), weights(seed1)))
+    assert not all(torch.equal(a, b) for a, b in zip(weights(seed0), weights(seed1)))
 
 
 def test_stage2_presets_and_families_are_checked(world):

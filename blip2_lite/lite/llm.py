@@ -164,16 +164,18 @@ def text_digest(dataset_dict) -> str:
     return digest.hexdigest()
 
 
-def llm_cache_dir(family: str, dataset_dict, root: str | Path | None = None) -> Path:
-    """``root/llm/{family}-{digest}``, the digest covering everything the cached model depends on."""
+def llm_cache_dir(family: str, dataset_dict, root: str | Path | None = None, seed: int = 0) -> Path:
+    """``root/llm/{family}-{digest}``, the digest covering everything the cached model depends on,
+    its pretraining ``seed`` included."""
     llm_family(family)  # an unknown family fails here
     key = (family, CORPUS_VERSION, LLM_VOCAB_SIZE, OPT_SEQ_LEN, LLM_DROPOUT, LLM_ATTENTION, LLM_SIZES[family],
-           LLM_TRAIN[family], text_digest(dataset_dict))
+           LLM_TRAIN[family], seed, text_digest(dataset_dict))
     return Path(root or cache_root()) / "llm" / f"{family}-{config_digest(key)}"
 
 
-def load_lite_llm(family: str, dataset_dict=None, root: str | Path | None = None, progress: bool = True):
-    """The frozen lite LLM of ``family`` and its tokenizer, pretrained on first use and cached.
+def load_lite_llm(family: str, dataset_dict=None, root: str | Path | None = None, progress: bool = True,
+                  seed: int = 0):
+    """The frozen lite LLM of ``family`` and its tokenizer, pretrained (with ``seed``) on first use and cached.
 
     The model is written with ``save_pretrained`` (safetensors) next to its tokenizer and the
     pretraining history (``history.json``), into a temporary folder that is renamed into place
@@ -183,10 +185,10 @@ def load_lite_llm(family: str, dataset_dict=None, root: str | Path | None = None
 
     logging.disable_progress_bar()  # transformers' "Loading weights" bars would clutter the notebooks
     dataset_dict = dataset_dict if dataset_dict is not None else load_shapes_world(root, progress=progress)
-    path = llm_cache_dir(family, dataset_dict, root)
+    path = llm_cache_dir(family, dataset_dict, root, seed)
     if not path.is_dir():
         tokenizer = train_tokenizer(dataset_dict["train"])
-        model, history = pretrain_llm(family, dataset_dict, tokenizer, progress=progress)
+        model, history = pretrain_llm(family, dataset_dict, tokenizer, seed=seed, progress=progress)
         with atomic_path(path, directory=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -196,10 +198,10 @@ def load_lite_llm(family: str, dataset_dict=None, root: str | Path | None = None
     return freeze(model), PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def load_llm_history(family: str, dataset_dict=None, root: str | Path | None = None) -> dict:
+def load_llm_history(family: str, dataset_dict=None, root: str | Path | None = None, seed: int = 0) -> dict:
     """The pretraining history saved with a cached lite LLM (``load_lite_llm`` must have run)."""
     dataset_dict = dataset_dict if dataset_dict is not None else load_shapes_world(root, progress=False)
-    return json.loads((llm_cache_dir(family, dataset_dict, root) / "history.json").read_text())
+    return json.loads((llm_cache_dir(family, dataset_dict, root, seed) / "history.json").read_text())
 
 
 # ----------------------------------------------------------------------------- generation and text-only VQA

@@ -88,6 +88,7 @@ class Stage2Preset:
     stage1: str = "course"  # the stage-1 preset whose Q-Former stage 2 starts from
     skip_stage1: bool = False  # start instead from an untrained (MiniLM-initialised) Q-Former built like it
     val_vqa_images: int = 0  # validation also scores zero-shot VQA on this many val images' questions
+    llm_seed: int = 0  # the frozen LLM's pretraining seed: each seed is its own cached LLM
 
 
 STAGE2_PRESETS = {

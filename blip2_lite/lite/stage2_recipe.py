@@ -61,12 +61,13 @@ STAGE2_RUN_VERSION = 2  # bump when a stage-2 run's result changes for the same 
 
 
 def build_stage2_model(world: LiteWorld, family: str, stage1_model=None, stage1_preset: str = "course",
-                       root: str | None = None, progress: bool = True, seed: int = 0):
+                       root: str | None = None, progress: bool = True, seed: int = 0, llm_seed: int = 0):
     """``stage2.Blip2`` over the lite world's frozen LLM of ``family``, starting from ``stage1_model``'s
     Q-Former, or, when it is None, from a Q-Former that skipped stage 1 (MiniLM-initialised, built as
     ``stage1_preset`` builds it). The new projection is drawn from ``seed``: without it, it would
-    depend on whatever consumed the global RNG before (in the notebook, the other family's stage 2)."""
-    language_model, tokenizer = load_lite_llm(family, world.dataset, root=root, progress=progress)
+    depend on whatever consumed the global RNG before (in the notebook, the other family's stage 2).
+    ``llm_seed``: the frozen LLM's pretraining seed."""
+    language_model, tokenizer = load_lite_llm(family, world.dataset, root=root, progress=progress, seed=llm_seed)
     if stage1_model is None:
         stage1_model = build_stage1_model(world, STAGE1_PRESETS[stage1_preset], seed=seed)
     torch.manual_seed(seed)
@@ -143,11 +144,11 @@ def run_stage2(family: str = "opt", preset: str = "course", root: str | None = N
     world = world or load_lite_world(root, progress=progress)
     if stage1_model is None and not chosen.skip_stage1:
         stage1_model, _, _ = run_stage1(chosen.stage1, root, world=world, progress=progress, device=device)
-    llm_identity = llm_cache_dir(family, world.dataset, root).name
+    llm_identity = llm_cache_dir(family, world.dataset, root, chosen.llm_seed).name
     identity = (STAGE2_RUN_VERSION, chosen, stage1_identity(chosen.stage1, world), llm_identity)
     run_dir = Path(run_dir or root / "runs" / f"stage2-{family}-{preset}-{config_digest(identity)}")
     model = build_stage2_model(world, family, stage1_model, chosen.stage1, root=root, progress=progress,
-                               seed=chosen.train.seed)
+                               seed=chosen.train.seed, llm_seed=chosen.llm_seed)
 
     sampler = stage2_sampler(world.splits["train"].features, world.dataset["train"]["captions"], model.tokenizer,
                              model.encoder_decoder, chosen.train.batch_size)
