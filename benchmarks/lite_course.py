@@ -140,11 +140,10 @@ def main():
             shutil.rmtree(root, ignore_errors=True)
 
     # --- times: shared phases once, plus each seed's training; the course runs one seed
-    shared = sum(t for name, t in phases.items() if name in ("world", "features") or name in
-                 {f"llm-{family}" for family in families})
+    shared_names = {"world", "features"} | {f"llm-{family}" for family in families}  # untagged: timed once
+    shared = sum(t for name, t in phases.items() if name in shared_names)
     course = [shared + sum(t for name, t in phases.items() if name.startswith(("stage", "llm-")) and
-                           name not in {f"llm-{family}" for family in families} and
-                           (len(seeds) == 1 or name.endswith(f" seed{s}"))) for s in seeds]
+                           name not in shared_names and (len(seeds) == 1 or name.endswith(f" seed{s}"))) for s in seeds]
     print(f"\n{'phase':<22} {'seconds':>8}")
     for name, seconds in phases.items():
         print(f"{name:<22} {seconds:8.1f}")
