@@ -1,6 +1,7 @@
 """The lite LLMs: the shared tokenizer, the text-only corpora, seeded pretraining, and the cache."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -105,6 +106,23 @@ def test_opt_documents_have_the_agreed_format(world):
     assert llm_text.opt_documents(split, seed=1) != docs  # other contexts
 
 
+def test_a_reading_context_tells_the_answer(world):
+    """Questions about places read the caption that places every object; the others any caption."""
+    split = world["train"]
+    contexts = list(llm_text.qa_with_context(split, random.Random(0)))
+    facts = {c: json.loads(f) for cs, fs in zip(split["captions"], split["caption_facts"]) for c, f in zip(cs, fs)}
+    about_places = [(c, q, t) for c, q, _, t in contexts if llm_text.asks_about_places(q, t)]
+    assert {t for _, _, t in about_places} == {"color", "relation", "shape"}
+    assert {t for c, q, _, t in contexts if not llm_text.asks_about_places(q, t)} == {"color", "count", "exists"}
+    for context, question, qtype in about_places:
+        assert all("row" in obj and "col" in obj for obj in facts[context]["objects"]), question
+    others = {c for c, q, _, t in contexts if not llm_text.asks_about_places(q, t)}
+    assert len({facts[c]["template"] for c in others}) == 5  # drawn from every template
+    for context, question, ten, qtype in contexts:
+        if qtype == "color":  # the answer is in the context
+            assert majority_answer(ten) in context.split(" "), (context, question)
+
+
 def test_t5_pairs_have_the_agreed_format(world):
     split = world["train"]
     pairs = llm_text.t5_pairs(split, seed=0)
@@ -148,6 +166,38 @@ def test_opt_rows_start_with_eos_at_a_random_position_and_predict_every_document
         assert torch.equal(text_positions, text_positions[0] + torch.arange(len(doc) + 1))
         assert 0 <= text_positions[0] and text_positions[-1] < presets.OPT_SEQ_LEN
     assert batch["position_ids"][:, 0].tolist() != [0, 0]  # not always at the start
+
+
+def test_packing_puts_every_document_in_one_bin_within_capacity():
+    lengths = [70, 5, 64, 30, 30, 60, 1, 128]
+    bins = llm_text.pack(lengths, 128)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 128 for b in bins)
+    assert len(bins) == 4  # 388 tokens: no fewer than 4 rows of 128 can hold them
+
+
+def test_packed_opt_batch_gives_the_padded_batch_loss_and_gradients(world, tokenizer):
+    docs = llm_text.encode(tokenizer, llm_text.opt_documents(world["train"])[::97][:24])
+    padded = llm_text.opt_batch(docs, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.Generator().manual_seed(3))
+    packed = llm_text.opt_packed_batch(docs, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                       torch.Generator().manual_seed(3))
+    assert packed["input_ids"].shape[0] < len(docs) and packed["input_ids"].shape[1] <= presets.OPT_SEQ_LEN
+    assert packed["input_ids"].numel() < 0.8 * padded["input_ids"].numel()  # the padding is gone
+    def targets(batch):  # (token, position) of every target
+        kept = batch["labels"] != -100
+        return sorted(zip(batch["labels"][kept].tolist(), batch["position_ids"][kept].tolist()))
+
+    assert targets(packed) == targets(padded)
+    model = llm.build_llm("opt", tokenizer, seed=0)
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert len(grad_a) == len(grad_b) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grad_a, grad_b))
 
 
 # ----------------------------------------------------------------------------- pretraining

@@ -224,8 +224,8 @@ def generate_text(model, tokenizer, family: str, prompts: list[str], max_new_tok
 
 
 def vqa_prompts(split, family: str, context: bool = True, seed: int = 0) -> tuple[list[str], list[list[str]], list[str]]:
-    """Per question of the split: the family's VQA prompt (after a random caption of the image if
-    ``context``, as in pretraining), its ten answers, and its question type."""
+    """Per question of the split: the family's VQA prompt (after a caption of the image that tells
+    the answer if ``context``, as in pretraining), its ten answers, and its question type."""
     prompts, answers, types = [], [], []
     for caption, question, ten, qtype in qa_with_context(split, random.Random(seed)):
         prompt = llm_family(family).vqa_prompt.format(question)
@@ -238,8 +238,9 @@ def vqa_prompts(split, family: str, context: bool = True, seed: int = 0) -> tupl
 def text_vqa_accuracy(model, tokenizer, family: str, split, context: bool = True, seed: int = 0) -> dict[str, float]:
     """VQAv2 accuracy (percent) of the text-only LLM's greedy answers, per question type and overall.
 
-    With ``context`` the LLM reads one caption of the image first (what pretraining taught it to
-    use); without it, only the question: its language prior, the floor that stage 2 must beat.
+    With ``context`` the LLM first reads a caption of the image that tells the answer (what
+    pretraining taught it to use); without it, only the question: its language prior, the floor
+    that stage 2 must beat.
     """
     prompts, answers, types = vqa_prompts(split, family, context, seed)
     predictions = generate_text(model, tokenizer, family, prompts, max_new_tokens=5)

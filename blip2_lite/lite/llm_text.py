@@ -11,15 +11,17 @@ LLM follows a soft prompt only through a route it already uses to read context.
   leading space, so " Question" is tokenised as "Ġ" + "Question": the "Question" that follows a
   soft prompt in stage 2 is then the very token the LLM learned after a caption.
 * OPT (decoder-only) reads documents: each caption alone, reading-comprehension documents
-  "{caption} Question: {q} Answer: {a}</s>", so it learns to answer from the preceding context, and
+  "{caption} Question: {q} Answer: {a}</s>" whose caption tells the answer (``qa_with_context``),
+  so it learns to answer from the preceding context, and
   paraphrase documents "{caption}</s>{caption}</s>{caption}</s>", three captions of one scene, so
   that it learns to write a caption from what came before it (the route stage 2 needs: there the
-  image's soft prompt takes the place of the context). Each document gets a row of its
-  own, after an eos (as OPT's own tokenizer does; so "</s>" alone prompts a caption), starting at
-  a random position so that all of OPT's learned position embeddings are trained: in stage 2 the
-  text starts after the soft prompt, not at position 0. (Packed GPT-style, several documents per
-  row, this small model did not learn to use the context at all: it must first learn to ignore
-  the unrelated documents before the current one.)
+  image's soft prompt takes the place of the context). Each document is read on its own, after
+  an eos (as OPT's own tokenizer does; so "</s>" alone prompts a caption), starting at a random
+  position so that all of OPT's learned position embeddings are trained: in stage 2 the text
+  starts after the soft prompt, not at position 0. (Packed GPT-style, several documents per row
+  seeing each other, this small model did not learn to use the context at all: it must first
+  learn to ignore the unrelated documents before the current one. ``opt_packed_batch`` packs
+  rows with a mask that keeps each document to itself.)
 * T5 (encoder-decoder) reads prefix-LM pairs (the first k words of a caption -> the rest),
   paraphrase pairs (one caption of a scene -> another caption of the same scene) and
   "{caption} Question: {q} Short answer:" -> "{a}</s>". BLIP-2's stage-2 objective for FlanT5 is
@@ -38,13 +40,15 @@ from transformers import PreTrainedTokenizerFast
 from ..evaluate.vqa import majority_answer
 from ..families import FAMILIES, llm_family
 from ..prompts import PROMPTS
+from .captions import CAPTION_TEMPLATES
 from .presets import LLM_VOCAB_SIZE, OPT_SEQ_LEN
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2: the order in which the tokenizer learns them
 # OPT's paraphrase documents: rounds over the captions, and how many captions of the scene precede
 # each. Without them OPT's stage-2 captions ignored the image (README, stage 2).
 OPT_PARAPHRASE_ROUNDS, OPT_PARAPHRASE_CONTEXT = 2, 2
-CORPUS_VERSION = 4  # bump when the documents, pairs or tokenizer change: cached models are keyed by it
+POSITIONS = list(CAPTION_TEMPLATES).index("positions")  # a scene's captions come in the templates' order
+CORPUS_VERSION = 6  # bump when the documents, pairs, tokenizer or batches change: cached models are keyed by it
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -83,13 +87,23 @@ def train_tokenizer(split) -> PreTrainedTokenizerFast:
 # ----------------------------------------------------------------------------- corpora
 
 
+def asks_about_places(question: str, qtype: str) -> bool:
+    """Whether a question names a grid cell ("what shape is in the top left?", "what color is the
+    shape in the center?") or a relation ("what shape is above the red circle?")."""
+    return qtype == "relation" or " in the " in question
+
+
 def qa_with_context(split, rng: random.Random):
-    """(context, question, ten answers, question type) per question of the split; the context is
-    one caption of the same image, chosen at random."""
+    """(context, question, ten answers, question type) per question of the split; the context is a
+    caption of the same image that tells the answer: the one that places every object when the
+    question is about places (``asks_about_places``), else one chosen at random (every caption
+    names every object by colour and shape). With any caption as context, a fifth of the reading
+    documents could not be answered from it, and OPT learned to guess colours (README, stage 2)."""
     for captions, questions, answers, types in zip(split["captions"], split["questions"], split["answers"],
                                                    split["question_types"]):
         for question, ten, qtype in zip(questions, answers, types):
-            yield captions[rng.randrange(len(captions))], question, ten, qtype
+            chosen = POSITIONS if asks_about_places(question, qtype) else rng.randrange(len(captions))
+            yield captions[chosen], question, ten, qtype
 
 
 def opt_documents(split, seed: int = 0) -> list[str]:
@@ -151,25 +165,74 @@ def t5_batch(sources: list[list[int]], targets: list[list[int]], pad_id: int) ->
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad_rows(targets, -100)}
 
 
-def opt_batch(documents: list[list[int]], eos_id: int, pad_id: int, rng: torch.Generator | None = None) -> dict:
-    """Documents, each after an eos (OPT's own tokenizer starts every text with ``</s>``), padded on
-    the right. With ``rng`` each row starts at a random position in ``[0, OPT_SEQ_LEN - length]``;
-    without, at 0. Every token of every document is a target."""
+def _rows_and_starts(documents: list[list[int]], eos_id: int, rng: torch.Generator | None):
+    """Each document after an eos, and the position of its first token: random in
+    ``[0, OPT_SEQ_LEN - length]`` with ``rng``, else 0."""
     rows = [[eos_id] + d for d in documents]
     too_long = max(len(r) for r in rows)
     if too_long > OPT_SEQ_LEN:
         raise ValueError(f"a document of {too_long} tokens exceeds OPT's {OPT_SEQ_LEN} positions")
+    if rng is None:
+        return rows, torch.zeros(len(rows), dtype=torch.long)
+    room = torch.tensor([OPT_SEQ_LEN - len(r) + 1 for r in rows])
+    return rows, (torch.rand(len(rows), generator=rng) * room).long()
+
+
+def opt_batch(documents: list[list[int]], eos_id: int, pad_id: int, rng: torch.Generator | None = None) -> dict:
+    """Documents, each after an eos (OPT's own tokenizer starts every text with ``</s>``), one per row,
+    padded on the right. With ``rng`` each row starts at a random position in ``[0, OPT_SEQ_LEN -
+    length]``; without, at 0. Every token of every document is a target."""
+    rows, starts = _rows_and_starts(documents, eos_id, rng)
     input_ids = pad_rows(rows, pad_id)
     attention_mask = pad_rows([[1] * len(r) for r in rows], 0)
-    if rng is None:
-        starts = torch.zeros(len(rows), 1, dtype=torch.long)
-    else:
-        room = torch.tensor([OPT_SEQ_LEN - len(r) + 1 for r in rows])
-        starts = (torch.rand(len(rows), generator=rng) * room).long()[:, None]
     # Padding sits after the text, so its positions (clamped to stay in range) are never read.
-    position_ids = (starts + torch.arange(input_ids.shape[1])).clamp(max=OPT_SEQ_LEN - 1)
+    position_ids = (starts[:, None] + torch.arange(input_ids.shape[1])).clamp(max=OPT_SEQ_LEN - 1)
     labels = pad_rows(rows, -100)
     labels[:, 0] = -100  # the eos only conditions: the model shifts the labels itself
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins of at most ``capacity`` summed length (first-fit decreasing)."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        if fits is None:
+            bins.append([]), room.append(capacity)
+            fits = len(bins) - 1
+        bins[fits].append(i)
+        room[fits] -= lengths[i]
+    return bins
+
+
+def opt_packed_batch(documents: list[list[int]], eos_id: int, pad_id: int, rng: torch.Generator | None = None) -> dict:
+    """What ``opt_batch`` computes, without its padding: the same rows at the same positions, several
+    to a row of at most ``OPT_SEQ_LEN`` tokens, each attending only to itself and what precedes it
+    in it through a 4-D mask, so the loss and its gradients are the same (tests/test_lite_llm.py).
+    In the course's batches 45% of ``opt_batch``'s tokens are padding; packed, a pretraining step
+    is 1.6x faster (README). (Packed without the mask, a document would also read the unrelated
+    documents before it; this small OPT then never learned to read its context.)"""
+    rows, starts = _rows_and_starts(documents, eos_id, rng)
+    bins = pack([len(r) for r in rows], OPT_SEQ_LEN)
+    width = max(sum(len(rows[i]) for i in b) for b in bins)
+    input_ids = torch.full((len(bins), width), pad_id)
+    position_ids = torch.zeros(len(bins), width, dtype=torch.long)
+    labels = torch.full((len(bins), width), -100)
+    segment = torch.full((len(bins), width), -1)  # which document of the row a token belongs to
+    for b, members in enumerate(bins):
+        at = 0
+        for s, i in enumerate(members):
+            n = len(rows[i])
+            input_ids[b, at:at + n] = torch.tensor(rows[i])
+            position_ids[b, at:at + n] = starts[i] + torch.arange(n)
+            labels[b, at + 1:at + n] = input_ids[b, at + 1:at + n]  # the eos only conditions
+            segment[b, at:at + n] = s
+            at += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding sees itself: no softmax over nothing
+    # transformers' OPT takes a 4-D additive mask as it is
+    attention_mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
 
 
@@ -189,11 +252,11 @@ def collate(family: str, tokenizer, examples) -> dict:
 
 
 def opt_sampler(documents: list[list[int]], eos_id: int, pad_id: int, batch_size: int):
-    # Not grouped by length, although a paraphrase document is three captions long: batches grouped
-    # so (transformers' LengthGroupedSampler) cost a quarter less but OPT then never learned to copy.
+    # Documents drawn at random, then packed: batches grouped by length instead (transformers'
+    # LengthGroupedSampler) cost a quarter less, but OPT then never learned to copy.
     def sample(rng: torch.Generator) -> dict:
         chosen = torch.randint(len(documents), (batch_size,), generator=rng).tolist()
-        return opt_batch([documents[i] for i in chosen], eos_id, pad_id, rng)
+        return opt_packed_batch([documents[i] for i in chosen], eos_id, pad_id, rng)
 
     return sample
 
