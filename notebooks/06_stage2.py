@@ -80,7 +80,8 @@ stage1_model, _, _ = run_stage1("course", world=world)  # chapter 4's run, from 
 
 # %% [markdown]
 # Pretraining both LLMs takes about four minutes on the first run, three of them OPT's (no progress
-# bars here: the loss curves follow); later runs load them from the cache.
+# bars here: the loss curves follow; OPT's documents are packed several to a row, each seeing only
+# itself, so no step computes padding); later runs load them from the cache.
 
 # %%
 llms = {family: load_lite_llm(family, world.dataset, progress=False) for family in sorted(FAMILIES)}
