@@ -198,20 +198,20 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         fits = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
         if fits is None:
-            bins.append([]), room.append(capacity)
-            fits = len(bins) - 1
+            fits = len(bins)
+            bins.append([])
+            room.append(capacity)
         bins[fits].append(i)
         room[fits] -= lengths[i]
     return bins
 
 
 def opt_packed_batch(documents: list[list[int]], eos_id: int, pad_id: int, rng: torch.Generator | None = None) -> dict:
-    """What ``opt_batch`` computes, without its padding: the same rows at the same positions, several
-    to a row of at most ``OPT_SEQ_LEN`` tokens, each attending only to itself and what precedes it
-    in it through a 4-D mask, so the loss and its gradients are the same (tests/test_lite_llm.py).
+    """What ``opt_batch`` computes, without its padding: the same documents at the same positions,
+    several to a row of at most ``OPT_SEQ_LEN`` tokens, each attending only to its own earlier
+    tokens through a 4-D mask, so the loss and its gradients are the same (tests/test_lite_llm.py).
     In the course's batches 45% of ``opt_batch``'s tokens are padding; packed, a pretraining step
-    is 1.6x faster (README). (Packed without the mask, a document would also read the unrelated
-    documents before it; this small OPT then never learned to read its context.)"""
+    is 1.6x faster (README)."""
     rows, starts = _rows_and_starts(documents, eos_id, rng)
     bins = pack([len(r) for r in rows], OPT_SEQ_LEN)
     width = max(sum(len(rows[i]) for i in b) for b in bins)
