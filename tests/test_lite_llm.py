@@ -111,13 +111,14 @@ def test_a_reading_context_tells_the_answer(world):
     split = world["train"]
     contexts = list(llm_text.qa_with_context(split, random.Random(0)))
     facts = {c: json.loads(f) for cs, fs in zip(split["captions"], split["caption_facts"]) for c, f in zip(cs, fs)}
-    about_places = [(c, q, t) for c, q, _, t in contexts if llm_text.asks_about_places(q, t)]
+    about_places, others = [], []
+    for context, question, _, qtype in contexts:
+        (about_places if llm_text.asks_about_places(question, qtype) else others).append((context, question, qtype))
     assert {t for _, _, t in about_places} == {"color", "relation", "shape"}
-    assert {t for c, q, _, t in contexts if not llm_text.asks_about_places(q, t)} == {"color", "count", "exists"}
-    for context, question, qtype in about_places:
+    assert {t for _, _, t in others} == {"color", "count", "exists"}
+    for context, question, _ in about_places:
         assert all("row" in obj and "col" in obj for obj in facts[context]["objects"]), question
-    others = {c for c, q, _, t in contexts if not llm_text.asks_about_places(q, t)}
-    assert len({facts[c]["template"] for c in others}) == 5  # drawn from every template
+    assert len({facts[c]["template"] for c, _, _ in others}) == 5  # drawn from every template
     for context, question, ten, qtype in contexts:
         if qtype == "color":  # the answer is in the context
             assert majority_answer(ten) in context.split(" "), (context, question)
@@ -183,6 +184,7 @@ def test_packed_opt_batch_gives_the_padded_batch_loss_and_gradients(world, token
                                        torch.Generator().manual_seed(3))
     assert packed["input_ids"].shape[0] < len(docs) and packed["input_ids"].shape[1] <= presets.OPT_SEQ_LEN
     assert packed["input_ids"].numel() < 0.8 * padded["input_ids"].numel()  # the padding is gone
+
     def targets(batch):  # (token, position) of every target
         kept = batch["labels"] != -100
         return sorted(zip(batch["labels"][kept].tolist(), batch["position_ids"][kept].tolist()))
