@@ -217,12 +217,15 @@ class Blip2(nn.Module):
         repetition_penalty: float = 1.0,
         num_return_sequences: int = 1,
         seed: int | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> list[str]:
         """Text for each image: captions with no prompt (or ``PROMPTS["caption"]``), answers with a VQA prompt.
 
         ``images``: PIL images, paths or bytes (decoded and converted to RGB), or give ``pixel_values``
         / cached ``image_features``. ``prompts``: one string for all images or one per image (batched
-        with left padding). Returns ``len(images) * num_return_sequences`` clean strings.
+        with left padding). ``image_index``: when several prompts ask about one image (VQA), the image
+        of each prompt; the Q-Former then reads each image once. Returns ``num_return_sequences``
+        clean strings per prompt.
         """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass one to Blip2(..., tokenizer=...)")
@@ -231,12 +234,19 @@ class Blip2(nn.Module):
             raise ValueError("pass exactly one of images, pixel_values or image_features")
         if images is not None:
             pixel_values = self.pixels(images)
-        batch = len(pixel_values if pixel_values is not None else image_features)
-        if batch == 0:
+        num_images = len(pixel_values if pixel_values is not None else image_features)
+        if num_images == 0:
             raise ValueError("empty batch: no images given")
+        if image_index is not None:
+            image_index = torch.as_tensor(image_index)
+            if image_index.dim() != 1 or image_index.is_floating_point() or image_index.dtype == torch.bool or not \
+                    bool(((image_index >= 0) & (image_index < num_images)).all()):
+                raise ValueError(f"image_index must be a 1-D tensor of image indices in [0, {num_images})")
+        batch = num_images if image_index is None else len(image_index)
         prompts = [prompts or ""] * batch if prompts is None or isinstance(prompts, str) else list(prompts)
         if len(prompts) != batch:
-            raise ValueError(f"{batch} images but {len(prompts)} prompts: give one prompt per image, or a single string")
+            given_for = "images" if image_index is None else "image_index entries"
+            raise ValueError(f"{batch} {given_for} but {len(prompts)} prompts: give one prompt per image, or a single string")
         _check_decoding(max_new_tokens, min_new_tokens, num_beams, num_return_sequences, do_sample, top_p, temperature)
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings (one for all images, or one per image)")
@@ -246,6 +256,8 @@ class Blip2(nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         soft = self.soft_prompt(pixel_values, image_features)
+        if image_index is not None:
+            soft = soft[image_index.to(soft.device)]
         options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                        length_penalty=length_penalty, repetition_penalty=repetition_penalty,
                        num_return_sequences=num_return_sequences, pad_token_id=self.tokenizer.pad_token_id)

@@ -98,7 +98,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
         if p.requires_grad:
             (no_decay if p.dim() < 2 or name.endswith("query_tokens") else decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+    # fused: one kernel for every parameter; on a 2-core CPU the stage-1 Q-Former's step took 15 ms
+    # instead of 85 (README), on CUDA it is the fastest of PyTorch's implementations too
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
 
 
 @runtime_checkable

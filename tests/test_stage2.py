@@ -159,6 +159,16 @@ def test_batched_prompts_give_the_same_text_as_one_by_one(captioner, num_beams):
     assert all(isinstance(t, str) and t == t.strip() and "<pad>" not in t for t in batched)
 
 
+def test_prompts_sharing_an_image_read_it_once(captioner, monkeypatch):
+    model, features = captioner
+    prompts, image_of = ["w5 w6", "w9", "", "w10 w11", "w7"], torch.tensor([0, 0, 2, 3, 3])
+    read, soft_prompt = [], model.soft_prompt
+    monkeypatch.setattr(model, "soft_prompt", lambda pixels, feats: read.append(len(feats)) or soft_prompt(pixels, feats))
+    shared = model.generate(image_features=features, prompts=prompts, image_index=image_of, max_new_tokens=6)
+    assert shared == model.generate(image_features=features[image_of], prompts=prompts, max_new_tokens=6)
+    assert read == [4, 5]  # the Q-Former read 4 images for 5 prompts, then the 5 repeated rows
+
+
 def test_generation_settings_reach_generate(captioner):
     model, features = captioner
     greedy = model.generate(image_features=features, prompts="w5", max_new_tokens=8, min_new_tokens=8)
@@ -176,6 +186,10 @@ def test_bad_input_gives_clear_errors(captioner):
     model, features = captioner
     with pytest.raises(ValueError, match="2 prompts"):
         model.generate(image_features=features, prompts=["w5", "w6"])
+    with pytest.raises(ValueError, match=r"image_index must be .* in \[0, 4\)"):
+        model.generate(image_features=features, prompts=["w5"], image_index=torch.tensor([4]))
+    with pytest.raises(ValueError, match="2 image_index entries but 1 prompts"):
+        model.generate(image_features=features, prompts=["w5"], image_index=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="empty batch"):
         model.generate(image_features=features[:0])
     with pytest.raises(ValueError, match="exactly one"):

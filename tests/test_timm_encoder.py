@@ -1,5 +1,7 @@
-"""The frozen image encoder: real ImageNet weights, strict loading, shapes, freezing, preprocessing, cache."""
+"""The frozen image encoder: real ImageNet weights, strict loading, folded BatchNorms, shapes, freezing,
+preprocessing, cache."""
 
+import copy
 import datasets
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from skimage import data
 
 from blip2_lite.convert.efficientnet import lite0_weights_path, load_lite0_imagenet
 from blip2_lite.convert.engine import CheckpointError
-from blip2_lite.encoders.timm_encoder import FrozenImageEncoder
+from blip2_lite.encoders.timm_encoder import FrozenImageEncoder, _fold_batch_norms
 from blip2_lite.lite import features
 from blip2_lite.lite.features import cached_features, extract_features
 
@@ -46,6 +48,26 @@ def test_weight_mapping_is_strict():
         load_lite0_imagenet(model, {**source, "_blocks.16._bn1.weight": torch.ones(3)})
     with pytest.raises(CheckpointError, match=r"mis-shaped: \[.*classifier\.bias"):
         load_lite0_imagenet(model, {**source, "_fc.bias": torch.zeros(10)})
+
+
+def test_folded_batch_norms_give_the_unfolded_features(lite0):
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    load_lite0_imagenet(reference, torch.load(lite0_weights_path(), map_location="cpu", weights_only=True))
+    pixels = torch.randn(2, 3, 224, 224)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0.model.modules())
+    with torch.no_grad():
+        expected = reference.forward_features(pixels).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(lite0(pixels), expected, rtol=1e-4, atol=1e-4)
+    # another CNN, with BatchNorm statistics far from the identity (the fold must use them)
+    torch.manual_seed(0)
+    resnet = timm.create_model("resnet18", pretrained=False).eval()
+    for bn in (m for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
+    folded = copy.deepcopy(resnet)
+    _fold_batch_norms(folded)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(pixels), resnet(pixels), rtol=1e-4, atol=1e-4)
 
 
 def test_feature_shapes(lite0):

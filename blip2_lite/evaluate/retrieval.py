@@ -101,11 +101,14 @@ def itc_embeddings(model, image_features, input_ids, attention_mask, batch_size:
         model.itc_image(model.image_embeds(image_features=image_features[i : i + batch_size]))[0]
         for i in range(0, len(image_features), batch_size)
     ]
-    text_itc = [
-        model.itc_text(input_ids[i : i + batch_size].to(device), attention_mask[i : i + batch_size].to(device))
-        for i in range(0, len(input_ids), batch_size)
-    ]
-    return torch.cat(image_itc), torch.cat(text_itc)
+    # texts in order of length, each batch cut to its longest: less padding, the same features to ~1e-6
+    order = attention_mask.sum(dim=1).argsort(stable=True)
+    text_itc = []
+    for i in range(0, len(input_ids), batch_size):
+        rows = order[i : i + batch_size]
+        length = int(attention_mask[rows].nonzero()[:, 1].max()) + 1
+        text_itc.append(model.itc_text(input_ids[rows, :length].to(device), attention_mask[rows, :length].to(device)))
+    return torch.cat(image_itc), torch.cat(text_itc)[order.argsort()]
 
 
 def itc_score_matrix(image_itc: torch.Tensor, text_itc: torch.Tensor, batch_size: int = 128) -> torch.Tensor:

@@ -52,15 +52,15 @@ def _check_dataset(dataset, column: str, features) -> None:
 def _generate(model, dataset, rows: list[int], prompts: list[str], features, batch_size: int, progress: bool,
               desc: str, decoding: dict) -> list[str]:
     """``model.generate`` for (image row, prompt) pairs, a batch at a time, from cached features or
-    from the images (decoded per batch)."""
+    from the images (decoded per batch); a batch's prompts about one image share its soft prompt."""
     out = []
     for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc=desc, mininterval=2.0):
-        chunk = rows[start:start + batch_size]
+        images, image_index = torch.as_tensor(rows[start:start + batch_size]).unique(return_inverse=True)
         if features is not None:
-            given = dict(image_features=features[torch.as_tensor(chunk)].float())
+            given = dict(image_features=features[images].float())
         else:
-            given = dict(images=dataset.select(chunk)["image"])
-        out += model.generate(prompts=prompts[start:start + batch_size], **given, **decoding)
+            given = dict(images=dataset.select(images.tolist())["image"])
+        out += model.generate(prompts=prompts[start:start + batch_size], image_index=image_index, **given, **decoding)
     return out
 
 

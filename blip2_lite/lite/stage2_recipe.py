@@ -86,22 +86,26 @@ def stage2_val_loss(model, features: torch.Tensor, captions: list[list[str]], nu
 
 
 def generate_in_batches(model, features: torch.Tensor, prompts: list[str] | None = None, batch_size: int = 250,
-                        progress: bool = False, **generate_kwargs) -> list[str]:
-    """``model.generate`` over many images (one prompt per image, or none), a batch at a time."""
+                        progress: bool = False, image_of: torch.Tensor | None = None, **generate_kwargs) -> list[str]:
+    """``model.generate`` over many images (one prompt per image, or none), a batch at a time.
+    ``image_of``: the image of each prompt when several ask about one image (each batch's images
+    then go through the Q-Former once)."""
+    image_of = torch.arange(len(features)) if image_of is None else torch.as_tensor(image_of)
     texts = []
-    for start in tqdm(range(0, len(features), batch_size), disable=not progress, desc="generate"):
+    for start in tqdm(range(0, len(image_of), batch_size), disable=not progress, desc="generate"):
         chunk = slice(start, start + batch_size)
-        texts += model.generate(image_features=features[chunk].float(),
+        images, image_index = image_of[chunk].unique(return_inverse=True)
+        texts += model.generate(image_features=features[images].float(), image_index=image_index,
                                 prompts=None if prompts is None else prompts[chunk], **generate_kwargs)
     return texts
 
 
 def zero_shot_vqa(model, split, features: torch.Tensor, progress: bool = False) -> dict[str, float]:
     """Greedy zero-shot VQA accuracy with the paper's prompt over every question of a shapes-world split."""
-    per_image = len(split["questions"][0])
-    image_of_question = torch.arange(len(split)).repeat_interleave(per_image)
+    image_of_question = torch.tensor([i for i, qs in enumerate(split["questions"]) for _ in qs])
     prompts = [model.family.vqa_prompt.format(q) for qs in split["questions"] for q in qs]
-    answers = generate_in_batches(model, features[image_of_question], prompts, max_new_tokens=5, progress=progress)
+    answers = generate_in_batches(model, features, prompts, max_new_tokens=5, progress=progress,
+                                  image_of=image_of_question)
     flat = lambda column: [x for per in split[column] for x in per]  # noqa: E731
     return vqa_scores(answers, flat("answers"), flat("question_types"))
 
