@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -74,7 +74,7 @@ from blip2_lite.train import plot_history
 # The `paper` preset keeps the paper's recipe for the same number of steps, for comparison.
 #
 # Training is resumable: checkpoints (model, optimizer, scheduler, every RNG state) are written
-# every 50 steps, and re-running this cell continues an interrupted run, or, once finished,
+# every 100 steps, and re-running this cell continues an interrupted run, or, once finished,
 # just loads it.
 
 # %%
@@ -85,7 +85,7 @@ model, stage1_history, test_metrics = run_stage1("course", world=world)
 
 # %% [markdown]
 # The training losses and the validation recall (ITC retrieval R@1 on the 300 validation images,
-# measured every 50 steps):
+# measured every 100 steps):
 
 # %%
 plot_history(stage1_history, "stage 1 (course preset)")

@@ -26,7 +26,7 @@
 # 2. computes the VQAv2 accuracy by hand, with the cases where scripts disagree;
 # 3. draws the retrieval protocol (ITC for every pair, ITM for each query's top k) and checks the
 #    package's re-ranking against brute force;
-# 4. runs the zero-shot task runners with the paper's decoding on the test split: Table 1 in
+# 4. runs the zero-shot task runners with the paper's decoding on 150 test images: Table 1 in
 #    miniature, in the benchmarks' results formats;
 # 5. shows the best and worst captions and answers, and the other tables (`python -m blip2_lite
 #    reproduce`).
@@ -362,19 +362,19 @@ for direction, name in (("i2t", "image->text"), ("t2i", "text->image")):
 # VQAv2 loaded with `blip2_lite.eval_sets`. The lite LLMs learned the world's captions without a
 # prompt, so they caption from an empty one instead of "a photo of".
 #
-# Captions are scored on all 500 test images; answers on the first 150 images' 900 questions: beam
-# search over all 3,000 would take most of this chapter's time on 2 cores, and chapter 6 already
-# scored every question with greedy decoding.
+# The table is in miniature twice over: the first 150 test images (their captions and 900
+# questions), because beam search over the whole split would take most of this chapter's time on 2
+# cores; chapter 6 scored every test image and question with greedy decoding.
 
 # %%
-VQA_IMAGES = 150
-vqa_split = test_split.select(range(VQA_IMAGES))
+TABLE_IMAGES = 150
+table_split, table_features = test_split.select(range(TABLE_IMAGES)), test.features[:TABLE_IMAGES]
 rows, outputs = [], {}
 for family in sorted(FAMILIES):
     model, _, _ = run_stage2(family, "course", world=world, stage1_model=stage1_model, progress=False)  # chapter 6
-    captions = caption_task(model, test_split, test.features, prompt="", progress=False)
-    answers = vqa_task(model, vqa_split, test.features[:VQA_IMAGES], progress=False)
-    scores = score_captions(captions, test_split) | score_answers(answers, vqa_split)
+    captions = caption_task(model, table_split, table_features, prompt="", progress=False)
+    answers = vqa_task(model, table_split, table_features, progress=False)
+    scores = score_captions(captions, table_split) | score_answers(answers, table_split)
     outputs[family] = captions, answers, scores
     rows.append([family, scores["vqa_overall"], scores["CIDEr"], scores["Bleu_4"], scores["METEOR"],
                  scores["ROUGE_L"]])
@@ -390,18 +390,18 @@ for family, (_, _, scores) in outputs.items():
 # %% [markdown]
 # ## 5. The best and the worst captions
 #
-# CIDEr per image (over the whole split's document frequencies) ranks the captions of one model.
+# CIDEr per image (over the 150 images' document frequencies) ranks the captions of one model.
 
 # %%
 family = "t5"
 captions = [r["caption"] for r in outputs[family][0]]
-gts, res = tokenize(captions, test_split["captions"])
+gts, res = tokenize(captions, table_split["captions"])
 per_image = Cider().compute_score(gts, res)[1]
 order = np.argsort(per_image)
 picks = list(order[::-1][:3]) + list(order[:3])
 fig, axes = plt.subplots(1, 6, figsize=(18, 4.2))
 for ax, i in zip(axes, picks):
-    ax.imshow(test_split[int(i)]["image"])
+    ax.imshow(table_split[int(i)]["image"])
     ax.set_title(f"CIDEr {100 * per_image[i]:.0f}\n" + "\n".join(textwrap.wrap(captions[i], 32)), fontsize=8)
     ax.axis("off")
 plt.suptitle(f"{family}: the three best and the three worst test captions")
@@ -412,14 +412,14 @@ plt.show()
 
 # %%
 answers = [r["answer"] for r in outputs[family][1]]
-image_of = [i for i, qs in enumerate(vqa_split["questions"]) for _ in qs]
-questions = [q for qs in vqa_split["questions"] for q in qs]
-truth = [ten for per_image in vqa_split["answers"] for ten in per_image]
+image_of = [i for i, qs in enumerate(table_split["questions"]) for _ in qs]
+questions = [q for qs in table_split["questions"] for q in qs]
+truth = [ten for per_image in table_split["answers"] for ten in per_image]
 accuracy = np.array([vqa_accuracy(a, ten) for a, ten in zip(answers, truth)])
 picks = list(np.flatnonzero(accuracy == 1)[:3]) + list(np.flatnonzero(accuracy == 0)[:3])
 fig, axes = plt.subplots(1, len(picks), figsize=(3 * len(picks), 4.2), squeeze=False)
 for ax, q in zip(axes[0], picks):
-    ax.imshow(test_split[image_of[q]]["image"])
+    ax.imshow(table_split[image_of[q]]["image"])
     ax.set_title("\n".join(textwrap.wrap(questions[q], 30)) + f"\n{family}: {answers[q]!r} | people: "
                  f"{Counter(truth[q]).most_common(1)[0][0]!r}", fontsize=8)
     ax.axis("off")

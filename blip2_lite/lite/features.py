@@ -24,6 +24,11 @@ from ..encoders.timm_encoder import FrozenImageEncoder
 from .paths import cache_root
 
 
+# Bump when the encoder computes its features differently for the same key (2: BatchNorms folded
+# into the convolutions, equal to ~1e-5 but not bit for bit)
+FEATURES_VERSION = 2
+
+
 def _image_batches(images, batch_size):
     if isinstance(images, datasets.Dataset):
         # decode only the image column, a batch at a time
@@ -52,6 +57,7 @@ def cached_features(
 ) -> torch.Tensor:
     """``extract_features`` once, then from a safetensors file keyed by everything that changes them."""
     key = {
+        "version": str(FEATURES_VERSION),
         "model_name": encoder.model_name,
         "pretrained": str(encoder.pretrained),
         "feature_layer": str(encoder.feature_layer),

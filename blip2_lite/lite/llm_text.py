@@ -48,7 +48,7 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2: the order in which the 
 # each. Without them OPT's stage-2 captions ignored the image (README, stage 2).
 OPT_PARAPHRASE_ROUNDS, OPT_PARAPHRASE_CONTEXT = 2, 2
 POSITIONS = list(CAPTION_TEMPLATES).index("positions")  # a scene's captions come in the templates' order
-CORPUS_VERSION = 6  # bump when the documents, pairs, tokenizer or batches change: cached models are keyed by it
+CORPUS_VERSION = 7  # bump when the documents, pairs, tokenizer, batches or training change: cached models are keyed by it
 
 
 # ----------------------------------------------------------------------------- tokenizer
