@@ -25,7 +25,7 @@ from .paths import cache_root
 
 
 # Bump when the encoder computes its features differently for the same key (2: BatchNorms folded
-# into the convolutions, equal to ~1e-5 but not bit for bit)
+# into the convolutions, equal to 1e-4 but not bit for bit)
 FEATURES_VERSION = 2
 
 
