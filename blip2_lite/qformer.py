@@ -115,8 +115,13 @@ class AttentionBlock(nn.Module):
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
 
-    def keys_values(self, source: torch.Tensor) -> KeyValue:
-        return self.split_heads(self.key(source)), self.split_heads(self.value(source))
+    def keys_values(self, source: torch.Tensor, norm: nn.LayerNorm | None = None) -> KeyValue:
+        """Keys and values of ``source``; with ``norm``, of ``norm``'s affine map of ``source``, folded
+        into the projections: (x * w + b) W^T + c = x (W * w)^T + (c + W b)."""
+        if norm is None:
+            return self.split_heads(self.key(source)), self.split_heads(self.value(source))
+        folded = (F.linear(source, p.weight * norm.weight, p.bias + p.weight @ norm.bias) for p in (self.key, self.value))
+        return tuple(self.split_heads(x) for x in folded)
 
     def forward(
         self,
@@ -180,7 +185,7 @@ class QFormerLayer(nn.Module):
         hidden: torch.Tensor,
         num_queries: int,
         self_mask: torch.Tensor | None,
-        image_embeds: torch.Tensor | None = None,
+        image_kv: KeyValue | None = None,
         image_index: torch.Tensor | None = None,
         past: KeyValue | None = None,
         output_attentions: bool = False,
@@ -196,9 +201,7 @@ class QFormerLayer(nn.Module):
         cross_weights = None
         if num_queries > 0:
             if self.cross_attn is not None:
-                if image_embeds is None:
-                    raise ValueError("this Q-Former pass has queries, so it needs image_embeds for cross-attention")
-                image_k, image_v = self.cross_attn.keys_values(image_embeds)
+                image_k, image_v = image_kv
                 if image_index is not None:
                     # keys/values were computed once per distinct image; pick each row's image
                     image_k, image_v = image_k[image_index], image_v[image_index]
@@ -243,6 +246,22 @@ class QFormer(nn.Module):
             parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))
         return self.embed_dropout(self.embed_norm(torch.cat(parts, dim=1)))
 
+    def image_keys_values(self, image_embeds: torch.Tensor, norm: nn.LayerNorm | None = None) -> list[KeyValue | None]:
+        """The keys/values of ``image_embeds`` ``[N, P, encoder_width]`` for each layer (None where a
+        layer has no cross-attention): passes over the same images can share them (``image_kv``).
+
+        With ``norm`` (the vision LayerNorm), ``image_embeds`` are the features normalised without
+        its weight and bias, which are folded into each key/value projection instead: the same keys
+        and values in exact arithmetic, but training computes no gradient for the constant features,
+        only for the norm's parameters (the backward pass skips one matrix product per projection).
+        """
+        self._check_image_embeds(image_embeds)
+        device = image_embeds.device.type
+        if torch.is_autocast_enabled(device):  # cast once, not in each projection (the same rounding)
+            image_embeds = image_embeds.to(torch.get_autocast_dtype(device))
+        return [layer.cross_attn.keys_values(image_embeds, norm) if layer.cross_attn is not None else None
+                for layer in self.layers]
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -253,6 +272,7 @@ class QFormer(nn.Module):
         query_past: list[KeyValue] | None = None,
         use_queries: bool = True,
         output_attentions: bool = False,
+        image_kv: list[KeyValue | None] | None = None,
     ) -> QFormerOutput:
         """Run the Q-Former.
 
@@ -269,12 +289,19 @@ class QFormer(nn.Module):
                 ``use_queries=False`` for this pass.
             use_queries: prepend the learned queries (False for the text-only ITC pass).
             output_attentions: also return attention weights (computed explicitly, without SDPA).
+            image_kv: instead of ``image_embeds``, their ``image_keys_values`` (shared with another pass).
         """
         cfg = self.config
         if query_past is not None:
             use_queries = False
         num_queries = cfg.num_query_tokens if use_queries else 0
-        batch_size = self._validate(input_ids, text_attention_mask, image_embeds, image_index, query_past, use_queries)
+        if image_embeds is not None and image_kv is not None:
+            raise ValueError("pass image_embeds or their image_kv, not both")
+        if image_embeds is not None:
+            self._check_image_embeds(image_embeds)
+            if use_queries:
+                image_kv = self.image_keys_values(image_embeds)
+        batch_size = self._validate(input_ids, text_attention_mask, image_kv, image_index, query_past, use_queries)
 
         if input_ids is not None and text_attention_mask is None:
             text_attention_mask = torch.ones_like(input_ids)
@@ -285,7 +312,8 @@ class QFormer(nn.Module):
         for i, layer in enumerate(self.layers):
             past = query_past[i] if query_past is not None else None
             hidden, query_kv, self_w, cross_w = layer(
-                hidden, num_queries, self_mask, image_embeds, image_index, past, output_attentions
+                hidden, num_queries, self_mask, image_kv[i] if image_kv else None, image_index, past,
+                output_attentions,
             )
             if num_queries:
                 out.query_past.append(query_kv)
@@ -315,7 +343,15 @@ class QFormer(nn.Module):
             return attention_mask(mask, num_past, text_attention_mask)[:, num_past:]
         return attention_mask(mask, num_queries, text_attention_mask)
 
-    def _validate(self, input_ids, text_attention_mask, image_embeds, image_index, query_past, use_queries) -> int:
+    def _check_image_embeds(self, image_embeds: torch.Tensor) -> None:
+        if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 \
+                or image_embeds.shape[-1] != self.config.encoder_width:
+            raise ValueError(
+                f"image features must be [batch, tokens, {self.config.encoder_width}] (encoder_width), "
+                f"got {tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds)}"
+            )
+
+    def _validate(self, input_ids, text_attention_mask, image_kv, image_index, query_past, use_queries) -> int:
         cfg = self.config
         sizes = {}
         if input_ids is not None:
@@ -339,17 +375,16 @@ class QFormer(nn.Module):
             raise ValueError("text_attention_mask was given without input_ids")
         elif not use_queries:
             raise ValueError("a Q-Former pass needs input_ids, the queries, or both")
-        if image_embeds is not None:
-            if image_embeds.dim() != 3 or image_embeds.shape[-1] != cfg.encoder_width:
-                raise ValueError(
-                    f"image features must be [batch, tokens, {cfg.encoder_width}] (encoder_width), "
-                    f"got shape {tuple(image_embeds.shape)}"
-                )
+        cross_kv = [kv for kv in image_kv or [] if kv is not None]
+        if use_queries and cross_kv:
+            if len(image_kv) != cfg.num_layers:
+                raise ValueError(f"image_kv has {len(image_kv)} layers, the Q-Former has {cfg.num_layers}")
+            num_images = cross_kv[0][0].shape[0]
             if image_index is None:
-                sizes["image_embeds"] = image_embeds.shape[0]
+                sizes["image_embeds"] = num_images
             else:
-                if image_index.dim() != 1 or not bool(((image_index >= 0) & (image_index < len(image_embeds))).all()):
-                    raise ValueError(f"image_index must be a 1-D index into the {len(image_embeds)} images")
+                if image_index.dim() != 1 or not bool(((image_index >= 0) & (image_index < num_images)).all()):
+                    raise ValueError(f"image_index must be a 1-D index into the {num_images} images")
                 sizes["image_index"] = image_index.shape[0]
         elif use_queries and any(cfg.has_cross_attention(i) for i in range(cfg.num_layers)):
             raise ValueError("a pass with queries needs image_embeds (the queries cross-attend to the image)")

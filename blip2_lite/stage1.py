@@ -5,8 +5,13 @@ heads to the losses of ``blip2_lite.losses``. Per step it runs the Q-Former thre
 
 1. image pass: queries + image (ITC image side). Its query keys/values are kept for ITG.
 2. text pass: text alone (ITC text side).
-3. ITM pass: 3B (text, image) pairs, bidirectional mask; image keys/values computed once per image.
+3. ITM pass: 3B (text, image) pairs, bidirectional mask.
 4. ITG pass: text only, attending to the cached query keys/values under the causal mask.
+
+The image keys/values of every cross-attention layer are computed once per step and shared by the
+image and ITM passes, with the vision LayerNorm's weight and bias folded into their projections
+(``QFormer.image_keys_values``): the same losses and gradients, at a third of the cost of computing
+them in each pass with a gradient for the LayerNorm's output.
 
 Names of the image tensors, as in transformers' BLIP-2: ``image_features`` are the frozen
 encoder's output ``[B, N, D]``; ``image_embeds`` the same after the vision LayerNorm (what the
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
-from .encoders.frozen import vision_embeds
+from .encoders.frozen import normalized_features, vision_embeds
 from .inputs import check_token_ids
 from .qformer import QFormer, QFormerConfig
 
@@ -152,9 +157,10 @@ class Blip2Stage1(nn.Module):
         """Frozen features (computed without gradient, or given) through the vision LayerNorm."""
         return vision_embeds(self.image_encoder, self.ln_vision, images, image_features, pixels_name="images")
 
-    def itc_image(self, image_embeds: torch.Tensor, output_attentions: bool = False):
-        """ITC image side: normalised projections of every query output ``[B, Q, E]``, and the pass."""
-        out = self.qformer(image_embeds=image_embeds, output_attentions=output_attentions)
+    def itc_image(self, image_embeds: torch.Tensor | None = None, output_attentions: bool = False, image_kv=None):
+        """ITC image side: normalised projections of every query output ``[B, Q, E]``, and the pass
+        (of ``image_embeds``, or of their ``image_keys_values``)."""
+        out = self.qformer(image_embeds=image_embeds, output_attentions=output_attentions, image_kv=image_kv)
         return F.normalize(self.vision_proj(out.query_output), dim=-1), out
 
     def itc_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -162,9 +168,11 @@ class Blip2Stage1(nn.Module):
         out = self.qformer(input_ids, attention_mask, use_queries=False)
         return F.normalize(self.text_proj(out.text_output[:, 0]), dim=-1)
 
-    def itm_logits(self, image_embeds, input_ids, attention_mask, image_index=None) -> torch.Tensor:
-        """ITM logits ``[B, 2]`` (index 1 = match) for (text row, image) pairs."""
-        out = self.qformer(input_ids, attention_mask, image_embeds, mask="itm", image_index=image_index)
+    def itm_logits(self, image_embeds, input_ids, attention_mask, image_index=None, image_kv=None) -> torch.Tensor:
+        """ITM logits ``[B, 2]`` (index 1 = match) for (text row, image) pairs (``image_embeds=None``
+        with their ``image_keys_values``)."""
+        out = self.qformer(input_ids, attention_mask, image_embeds, mask="itm", image_index=image_index,
+                           image_kv=image_kv)
         return losses.itm_logits(self.itm_head, out.query_output)
 
     def itg_logits(self, text_output: torch.Tensor) -> torch.Tensor:
@@ -182,12 +190,11 @@ class Blip2Stage1(nn.Module):
 
     # -- training ----------------------------------------------------------------------------------
 
-    def _itm(self, itc, image_embeds, input_ids, attention_mask, generator):
+    def _itm(self, itc, image_kv, batch, input_ids, attention_mask, generator):
         """ITM loss and logits: the first ``itm_pairs`` pairs, hard negatives from the local block of
         the ITC similarities (this process's images and texts)."""
         if not self.itm:
             return itc.loss.new_zeros(()), itc.loss.new_zeros((0, 2))
-        batch = image_embeds.shape[0]
         rank, _ = losses.distributed_world()
         local = slice(rank * batch, (rank + 1) * batch)
         pairs = min(batch, self.itm_pairs or batch)
@@ -195,7 +202,7 @@ class Blip2Stage1(nn.Module):
             itc.sim_i2t[:pairs, local], itc.sim_t2i[:pairs, local], itc.positives[:pairs, local], generator
         )
         text_index, image_index, itm_labels = losses.itm_pairs(pairs, neg_image, neg_text)
-        itm_logits = self.itm_logits(image_embeds, input_ids[text_index], attention_mask[text_index], image_index)
+        itm_logits = self.itm_logits(None, input_ids[text_index], attention_mask[text_index], image_index, image_kv)
         return losses.itm_loss(itm_logits, itm_labels), itm_logits
 
     def forward(
@@ -212,8 +219,8 @@ class Blip2Stage1(nn.Module):
         ``image_ids`` (optional, ``[B]``): captions of the same image are all ITC positives and are
         never drawn as ITM negatives. ``generator`` seeds the hard-negative sampling.
         """
-        image_embeds = self.image_embeds(images, image_features)
-        batch = image_embeds.shape[0]
+        normalized = normalized_features(self.image_encoder, self.ln_vision, images, image_features, "images")
+        batch = normalized.shape[0]
         check_token_ids(input_ids, self.config.vocab_size, "the Q-Former's")
         if input_ids.shape[0] != batch or not isinstance(attention_mask, torch.Tensor) \
                 or attention_mask.shape != input_ids.shape:
@@ -225,11 +232,12 @@ class Blip2Stage1(nn.Module):
             raise ValueError(f"image_ids must be a [batch] = [{batch}] tensor, one image id per caption, got "
                              f"{tuple(image_ids.shape) if isinstance(image_ids, torch.Tensor) else type(image_ids)}")
 
-        image_itc, image_pass = self.itc_image(image_embeds)
+        image_kv = self.qformer.image_keys_values(normalized, norm=self.ln_vision)  # shared by both passes
+        image_itc, image_pass = self.itc_image(image_kv=image_kv)
         text_itc = self.itc_text(input_ids, attention_mask)
         itc = losses.itc_loss(image_itc, text_itc, self.temp, image_ids)
 
-        loss_itm, itm_logits = self._itm(itc, image_embeds, input_ids, attention_mask, generator)
+        loss_itm, itm_logits = self._itm(itc, image_kv, batch, input_ids, attention_mask, generator)
         if not self.itg:
             loss_itg = itc.loss.new_zeros(())
             return Stage1Output(itc.loss + loss_itm, itc.loss, loss_itm, loss_itg, itc.sim_i2t, itm_logits)

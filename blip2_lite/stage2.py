@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .encoders.frozen import vision_embeds
+from .encoders.frozen import normalized_features, vision_embeds
 from .encoders.images import as_image_list
 from .families import LLMFamily, family_of
 from .inputs import check_token_ids
@@ -111,8 +111,11 @@ class Blip2(nn.Module):
         return vision_embeds(self.image_encoder, self.ln_vision, pixel_values, image_features)
 
     def soft_prompt(self, pixel_values=None, image_features=None, output_attentions: bool = False):
-        """``[B, Q, llm_width]``: the projected query outputs, in the LLM's dtype."""
-        out = self.qformer(image_embeds=self.image_embeds(pixel_values, image_features),
+        """``[B, Q, llm_width]``: the projected query outputs, in the LLM's dtype. The vision LayerNorm's
+        weight and bias are folded into the cross-attention's projections (``QFormer.image_keys_values``:
+        the same keys and values, and training skips the gradient for the constant features)."""
+        normalized = normalized_features(self.image_encoder, self.ln_vision, pixel_values, image_features)
+        out = self.qformer(image_kv=self.qformer.image_keys_values(normalized, norm=self.ln_vision),
                            output_attentions=output_attentions)
         soft = self.language_projection(out.query_output).to(self.language_model.dtype)
         return (soft, out) if output_attentions else soft

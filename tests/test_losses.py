@@ -208,3 +208,41 @@ def test_itm_on_a_sub_batch_scores_three_pairs_per_chosen_pair(itm_pairs):
     assert out.itm_logits.shape == (3 * min(6, itm_pairs or 6), 2)
     with pytest.raises(ValueError, match="itm_pairs"):
         Blip2Stage1(tiny_config(), dec_token_id=DEC, itm_pairs=0)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_training_step_equals_its_passes_run_one_by_one():
+    """``forward`` computes the image keys/values once, with the vision LayerNorm folded into their
+    projections, and shares them between the image and ITM passes: the losses and every gradient
+    (the LayerNorm's included) equal the plain passes over ``ln_vision(features)``, in fp32."""
+    torch.manual_seed(0)
+    model = tiny_model(hidden_dropout=0.0, attention_dropout=0.0)
+    with torch.no_grad():  # a LayerNorm far from its identity start, so that a wrong fold shows
+        model.ln_vision.weight.normal_(1.0, 0.5)
+        model.ln_vision.bias.normal_(0.0, 0.5)
+    features, ids, mask = tiny_batch(batch=6)
+    features = 3 * features + 1
+    out = model(ids, mask, image_features=features, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    folded = _grads(model)
+    model.zero_grad()
+
+    image_embeds = model.image_embeds(image_features=features)
+    image_itc, image_pass = model.itc_image(image_embeds)
+    itc = losses.itc_loss(image_itc, model.itc_text(ids, mask), model.temp)
+    negatives = losses.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, itc.positives, torch.Generator().manual_seed(0))
+    text_index, image_index, labels = losses.itm_pairs(6, *negatives)
+    itm = losses.itm_loss(model.itm_logits(image_embeds, ids[text_index], mask[text_index], image_index), labels)
+    decoder_ids, itg_labels = losses.itg_inputs(ids, mask, DEC)
+    text_pass = model.qformer(decoder_ids, mask, mask="itg", query_past=image_pass.query_past)
+    itg = losses.itg_loss(model.itg_logits(text_pass.text_output), model.itg_labels(itg_labels))
+    for mine, theirs in ((out.loss_itc, itc.loss), (out.loss_itm, itm), (out.loss_itg, itg)):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    (itc.loss + itm + itg).backward()
+    plain = _grads(model)
+    assert folded.keys() == plain.keys() and "ln_vision.weight" in plain
+    for name in plain:
+        torch.testing.assert_close(folded[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)

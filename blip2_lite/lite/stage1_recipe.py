@@ -64,11 +64,16 @@ def build_stage1_model(world: LiteWorld, preset: Stage1Preset, seed: int = 0):
                        itm_pairs=preset.itm_pairs, itg=preset.itg)
 
 
+# Bump when a stage-1 run's result changes for the same preset (2: the image keys/values computed
+# once per step, the vision LayerNorm folded in: the same function, other bf16 rounding)
+STAGE1_RUN_VERSION = 2
+
+
 def stage1_identity(preset: str, world: LiteWorld) -> str:
-    """The cache name of a stage-1 run: its preset and the shape of the frozen tokens it trains on,
-    so that a run trained on other tokens (another encoder layout) is never resumed."""
+    """The cache name of a stage-1 run: its preset, the shape of the frozen tokens it trains on (a
+    run trained on other tokens, another encoder layout, is never resumed) and ``STAGE1_RUN_VERSION``."""
     tokens = tuple(world.splits["train"].features.shape[1:])
-    return f"{preset}-{config_digest((STAGE1_PRESETS[preset], tokens))}"
+    return f"{preset}-{config_digest((STAGE1_PRESETS[preset], tokens, STAGE1_RUN_VERSION))}"
 
 
 def retrieval_on(model, split: CaptionedImages, **kwargs) -> dict[str, float]:

@@ -57,7 +57,7 @@ def stage2_losses(model, batch: dict, rng: torch.Generator) -> dict[str, torch.T
     return {"loss": out.loss}
 
 
-STAGE2_RUN_VERSION = 2  # bump when a stage-2 run's result changes for the same preset: cached runs are keyed by it
+STAGE2_RUN_VERSION = 3  # bump when a stage-2 run's result changes for the same preset: cached runs are keyed by it
 
 
 def build_stage2_model(world: LiteWorld, family: str, stage1_model=None, stage1_preset: str = "course",
