@@ -10,8 +10,9 @@ heads to the losses of ``blip2_lite.losses``. Per step it runs the Q-Former thre
 
 The image keys/values of every cross-attention layer are computed once per step and shared by the
 image and ITM passes, with the vision LayerNorm's weight and bias folded into their projections
-(``QFormer.image_keys_values``): the same losses and gradients, at a third of the cost of computing
-them in each pass with a gradient for the LayerNorm's output.
+(``QFormer.image_keys_values``): the same losses and gradients with one forward and one backward
+matrix product per projection, instead of two and four when each pass computes them from the
+LayerNorm's output.
 
 Names of the image tensors, as in transformers' BLIP-2: ``image_features`` are the frozen
 encoder's output ``[B, N, D]``; ``image_embeds`` the same after the vision LayerNorm (what the

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -289,7 +289,9 @@ text_out = feed_forward(layer.text_ffn, text_slice)
 layer_by_hand = torch.cat([query_out, text_out], dim=1)
 print("query FFN", list(query_out.shape), "+ text FFN", list(text_out.shape), "->", list(layer_by_hand.shape))
 
-layer_output, *_ = layer(hidden, num_queries, self_mask, image_embeds)
+# The package's layer takes the image's keys and values, not the image: the Q-Former projects them
+# once per pass (`QFormer.image_keys_values`), and passes over the same images can share them.
+layer_output, *_ = layer(hidden, num_queries, self_mask, layer.cross_attn.keys_values(image_embeds))
 torch.testing.assert_close(layer_by_hand, layer_output)
 
 # %% [markdown]

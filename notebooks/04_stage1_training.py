@@ -54,8 +54,11 @@ from blip2_lite.train import plot_history
 #
 # Two things make the step cheap enough (`benchmarks/stage1_step.py` measures them against a naive
 # step): the frozen encoder is out of the loop (cached features), and the Q-Former computes each
-# image's cross-attention keys/values once for all 3B ITM pairs and lets ITG reuse the queries'
-# keys/values from the image pass.
+# image's cross-attention keys/values once per step, for the image pass and all 3B ITM pairs, and
+# lets ITG reuse the queries' keys/values from the image pass. The vision LayerNorm's weight and
+# bias are folded into those key/value projections, so the backward pass computes no gradient for
+# the constant features (`QFormer.image_keys_values`; the same losses and gradients,
+# `tests/test_losses.py`).
 #
 # The `course` preset also departs from the paper's recipe in three places, each a preset field, each
 # measured: together they make a step 2.9x cheaper on 2 cores (2.07 -> 0.72 s at batch 32), which

@@ -66,7 +66,7 @@ def test_padding_does_not_change_real_positions(qformer):
 
 def test_explicit_attention_equals_pytorch_fused_kernel():
     """The CPU path (product-softmax-product by hand) against ``F.scaled_dot_product_attention``."""
-    from blip2_lite.qformer import attention
+    from blip2_lite.qformer_layer import attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, n, 8, generator=gen) for n in (6, 9, 9))
