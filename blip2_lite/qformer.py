@@ -16,6 +16,10 @@ joint, bidirectional (ITM)            ``qformer(ids, m, image_embeds=img, mask="
 joint, multimodal causal (ITG)        ``qformer(ids, m, image_embeds=img, mask="itg")`` or, reusing the
                                       image pass, ``qformer(ids, m, query_past=out.query_past, mask="itg")``
 ====================================  ==============================================================
+
+Every pass with queries first projects the image to each cross-attention layer's keys/values
+(``image_keys_values``); passes over the same images can share them (``image_kv=``), as a stage-1
+training step's image and ITM passes do.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .inputs import check_token_ids
+from .inputs import check_index, check_token_ids
 from .masks import attention_mask
 from .qformer_layer import KeyValue, QFormerLayer
 
@@ -262,9 +266,7 @@ class QFormer(nn.Module):
             if image_index is None:
                 sizes["image_embeds"] = num_images
             else:
-                if image_index.dim() != 1 or not bool(((image_index >= 0) & (image_index < num_images)).all()):
-                    raise ValueError(f"image_index must be a 1-D index into the {num_images} images")
-                sizes["image_index"] = image_index.shape[0]
+                sizes["image_index"] = check_index(image_index, num_images, "image_index", "images").shape[0]
         elif use_queries and any(cfg.has_cross_attention(i) for i in range(cfg.num_layers)):
             raise ValueError("a pass with queries needs image_embeds (the queries cross-attend to the image)")
         if query_past is not None:

@@ -1,18 +1,14 @@
 """One Q-Former layer: BERT's attention and feed-forward blocks, and the layer that runs them over
 ``[queries; text]`` (self-attention over both, cross-attention to the image for the queries only,
-separate feed-forward weights for query and text positions)."""
+separate feed-forward weights for query and text positions). Each block is built from the
+Q-Former's ``QFormerConfig`` (``config``), which ``qformer.py`` defines."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-
-if TYPE_CHECKING:
-    from .qformer import QFormerConfig
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -23,7 +19,7 @@ class AttentionBlock(nn.Module):
     ``kv_width`` differs from the hidden size for cross-attention (keys/values from image features).
     """
 
-    def __init__(self, config: QFormerConfig, kv_width: int):
+    def __init__(self, config, kv_width: int):
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_heads
@@ -82,7 +78,7 @@ def attention(q, k, v, mask: torch.Tensor | None = None, dropout_p: float = 0.0,
 class FeedForward(nn.Module):
     """BERT feed-forward: Linear, GELU, Linear, dropout, residual, LayerNorm."""
 
-    def __init__(self, config: QFormerConfig):
+    def __init__(self, config):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -94,7 +90,7 @@ class FeedForward(nn.Module):
 
 
 class QFormerLayer(nn.Module):
-    def __init__(self, config: QFormerConfig, layer_idx: int):
+    def __init__(self, config, layer_idx: int):
         super().__init__()
         self.self_attn = AttentionBlock(config, kv_width=config.hidden_size)
         self.cross_attn = (
@@ -113,6 +109,9 @@ class QFormerLayer(nn.Module):
         past: KeyValue | None = None,
         output_attentions: bool = False,
     ):
+        """``image_kv``: this layer's keys/values of the N images (``QFormer.image_keys_values``), and
+        ``image_index`` the image of each row when rows share images; ``past``: cached query keys/values.
+        Returns the new hidden states, the queries' keys/values, and the attention weights."""
         k, v = self.self_attn.keys_values(hidden)
         # The queries' keys/values of this pass; cached so that a later text pass can attend to them.
         query_kv = (k[:, :, :num_queries], v[:, :, :num_queries])

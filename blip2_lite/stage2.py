@@ -24,7 +24,7 @@ from torch import nn
 from .encoders.frozen import normalized_features, vision_embeds
 from .encoders.images import as_image_list
 from .families import LLMFamily, family_of
-from .inputs import check_token_ids
+from .inputs import check_index, check_token_ids
 from .llm_inputs import IGNORE_INDEX, insert_after_padding
 from .qformer import QFormer
 
@@ -241,10 +241,7 @@ class Blip2(nn.Module):
         if num_images == 0:
             raise ValueError("empty batch: no images given")
         if image_index is not None:
-            image_index = torch.as_tensor(image_index)
-            if image_index.dim() != 1 or image_index.is_floating_point() or image_index.dtype == torch.bool or not \
-                    bool(((image_index >= 0) & (image_index < num_images)).all()):
-                raise ValueError(f"image_index must be a 1-D tensor of image indices in [0, {num_images})")
+            image_index = check_index(image_index, num_images, "image_index", "images")
         batch = num_images if image_index is None else len(image_index)
         prompts = [prompts or ""] * batch if prompts is None or isinstance(prompts, str) else list(prompts)
         if len(prompts) != batch:

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..devices import autocast
+from ..inputs import check_index
 from ..losses import itc_similarity
 
 K_TEST = 128  # LAVIS's k_test for BLIP-2 on COCO and Flickr30k
@@ -39,10 +40,7 @@ def _check_text_image(text_image, num_images: int, num_texts: int) -> torch.Tens
     if text_image.dim() != 1 or len(text_image) != num_texts:
         raise ValueError(f"text_image must give the image of each of the {num_texts} texts, "
                          f"got shape {tuple(text_image.shape)}")
-    if text_image.is_floating_point() or text_image.dtype == torch.bool:
-        raise ValueError(f"text_image must hold integer image indices, got {text_image.dtype}")
-    if num_texts and not bool(((text_image >= 0) & (text_image < num_images)).all()):
-        raise ValueError(f"text_image has indices outside [0, {num_images}), the number of images")
+    check_index(text_image, num_images, "text_image", "images")
     captioned = torch.zeros(num_images, dtype=torch.bool)
     captioned[text_image] = True
     if not bool(captioned.all()):  # an uncaptioned image would score its image->text rank as 0

@@ -49,10 +49,10 @@ def _check_dataset(dataset, column: str, features) -> None:
         raise ValueError(f"{len(features)} feature rows for {len(dataset)} images: pass one row per dataset row")
 
 
-def _generate(model, dataset, rows: list[int], prompts: list[str], features, batch_size: int, progress: bool,
-              desc: str, decoding: dict) -> list[str]:
+def generate_for_rows(model, dataset, rows: list[int], prompts: list[str], features, batch_size: int, progress: bool,
+                      desc: str, decoding: dict) -> list[str]:
     """``model.generate`` for (image row, prompt) pairs, a batch at a time, from cached features or
-    from the images (decoded per batch); a batch's prompts about one image share its soft prompt."""
+    from ``dataset``'s images (decoded per batch); a batch's prompts about one image share its soft prompt."""
     out = []
     for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc=desc, mininterval=2.0):
         images, image_index = torch.as_tensor(rows[start:start + batch_size]).unique(return_inverse=True)
@@ -74,7 +74,7 @@ def caption_task(model, dataset, features: torch.Tensor | None = None, prompt: s
     """
     _check_dataset(dataset, "image_id", features)
     rows = list(range(len(dataset)))
-    captions = _generate(model, dataset, rows, [prompt] * len(rows), features, batch_size, progress, "captions",
+    captions = generate_for_rows(model, dataset, rows, [prompt] * len(rows), features, batch_size, progress, "captions",
                          CAPTION_DECODING | decoding)
     return [{"image_id": image_id, "caption": caption} for image_id, caption in zip(dataset["image_id"], captions)]
 
@@ -103,7 +103,7 @@ def vqa_task(model, dataset, features: torch.Tensor | None = None, prompt: str |
     prompts = [template.format(q) for questions in per_image for q in questions]
     if not prompts:
         raise ValueError("the dataset has no questions")
-    answers = _generate(model, dataset, rows, prompts, features, batch_size, progress, "answers",
+    answers = generate_for_rows(model, dataset, rows, prompts, features, batch_size, progress, "answers",
                         vqa_decoding(model.family) | decoding)
     return [{"question_id": q, "answer": a} for q, a in zip(question_ids(dataset), answers)]
 

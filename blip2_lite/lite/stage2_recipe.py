@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..atomic import write_json
 from ..evaluate.captioning import caption_image_gap, caption_scores
+from ..evaluate.tasks import generate_for_rows
 from ..evaluate.vqa import vqa_scores
 from ..families import llm_family
 from ..llm_inputs import language_batch, split_for_prefix_lm
@@ -90,14 +90,9 @@ def generate_in_batches(model, features: torch.Tensor, prompts: list[str] | None
     """``model.generate`` over many images (one prompt per image, or none), a batch at a time.
     ``image_of``: the image of each prompt when several ask about one image (each batch's images
     then go through the Q-Former once)."""
-    image_of = torch.arange(len(features)) if image_of is None else torch.as_tensor(image_of)
-    texts = []
-    for start in tqdm(range(0, len(image_of), batch_size), disable=not progress, desc="generate"):
-        chunk = slice(start, start + batch_size)
-        images, image_index = image_of[chunk].unique(return_inverse=True)
-        texts += model.generate(image_features=features[images].float(), image_index=image_index,
-                                prompts=None if prompts is None else prompts[chunk], **generate_kwargs)
-    return texts
+    rows = list(range(len(features))) if image_of is None else torch.as_tensor(image_of).tolist()
+    prompts = [""] * len(rows) if prompts is None else prompts  # no prompt: what generate does with None
+    return generate_for_rows(model, None, rows, prompts, features, batch_size, progress, "generate", generate_kwargs)
 
 
 def zero_shot_vqa(model, split, features: torch.Tensor, progress: bool = False) -> dict[str, float]:
