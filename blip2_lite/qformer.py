@@ -180,10 +180,10 @@ class QFormer(nn.Module):
         num_queries = cfg.num_query_tokens if use_queries else 0
         if image_embeds is not None and image_kv is not None:
             raise ValueError("pass image_embeds or their image_kv, not both")
-        if image_embeds is not None:
+        if image_embeds is not None and use_queries:
+            image_kv = self.image_keys_values(image_embeds)  # checks image_embeds
+        elif image_embeds is not None:
             self._check_image_embeds(image_embeds)
-            if use_queries:
-                image_kv = self.image_keys_values(image_embeds)
         batch_size = self._validate(input_ids, text_attention_mask, image_kv, image_index, query_past, use_queries)
 
         if input_ids is not None and text_attention_mask is None:

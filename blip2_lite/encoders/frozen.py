@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def frozen_features(image_encoder: nn.Module | None, width: int, pixels: torch.Tensor | None,
+def frozen_features(image_encoder: nn.Module | None, ln_vision: nn.LayerNorm, pixels: torch.Tensor | None,
                     image_features: torch.Tensor | None, pixels_name: str = "pixel_values") -> torch.Tensor:
-    """``image_encoder(pixels)`` run without gradient, or the given features ``[B, N, width]``, checked."""
+    """``image_encoder(pixels)`` run without gradient, or the given features ``[B, N, D]``, checked
+    against ``ln_vision``'s width and cast to its dtype and device (cached fp16 features included)."""
+    width = ln_vision.normalized_shape[0]
     if (pixels is None) == (image_features is None):
         raise ValueError(f"pass exactly one of {pixels_name} or image_features")
     if pixels is not None:
@@ -26,16 +28,14 @@ def frozen_features(image_encoder: nn.Module | None, width: int, pixels: torch.T
                          f"got shape {tuple(image_features.shape)}")
     if not torch.isfinite(image_features).all():  # else NaN flows silently into losses or empty captions
         raise FloatingPointError("image_features contain NaN or Inf")
-    return image_features
+    return image_features.to(ln_vision.weight)
 
 
 def vision_embeds(image_encoder: nn.Module | None, ln_vision: nn.LayerNorm, pixels: torch.Tensor | None,
                   image_features: torch.Tensor | None, pixels_name: str = "pixel_values") -> torch.Tensor:
     """``ln_vision(image_encoder(pixels))`` with the encoder run without gradient, or ``ln_vision`` of
     given features ``[B, N, D]`` (cached fp16 features on any device are cast to the LayerNorm's)."""
-    width = ln_vision.normalized_shape[0]
-    features = frozen_features(image_encoder, width, pixels, image_features, pixels_name)
-    return ln_vision(features.to(ln_vision.weight))
+    return ln_vision(frozen_features(image_encoder, ln_vision, pixels, image_features, pixels_name))
 
 
 def normalized_features(image_encoder: nn.Module | None, ln_vision: nn.LayerNorm, pixels: torch.Tensor | None,
@@ -43,6 +43,5 @@ def normalized_features(image_encoder: nn.Module | None, ln_vision: nn.LayerNorm
     """As ``vision_embeds`` but without ``ln_vision``'s weight and bias: the frozen features normalised
     per token, a constant that needs no gradient. ``QFormer.image_keys_values(..., norm=ln_vision)``
     applies the weight and bias inside its key/value projections instead."""
-    width = ln_vision.normalized_shape[0]
-    features = frozen_features(image_encoder, width, pixels, image_features, pixels_name)
-    return F.layer_norm(features.to(ln_vision.weight), (width,), eps=ln_vision.eps)
+    features = frozen_features(image_encoder, ln_vision, pixels, image_features, pixels_name)
+    return F.layer_norm(features, ln_vision.normalized_shape, eps=ln_vision.eps)
