@@ -30,7 +30,7 @@ from torch import nn
 
 from . import losses
 from .encoders.frozen import normalized_features, vision_embeds
-from .inputs import check_token_ids
+from .inputs import check_index, check_token_ids
 from .qformer import QFormer, QFormerConfig
 
 
@@ -137,9 +137,8 @@ class Blip2Stage1(nn.Module):
             nn.init.zeros_(head.bias)
 
     def _restrict_itg(self, itg_vocab) -> None:
-        ids = torch.as_tensor(itg_vocab)
-        if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.min() < 0 \
-                or ids.max() >= self.config.vocab_size or len(ids.unique()) != len(ids):
+        ids = check_index(itg_vocab, self.config.vocab_size, "itg_vocab", "token ids of the vocabulary")
+        if ids.numel() == 0 or len(ids.unique()) != len(ids):
             raise ValueError(f"itg_vocab must be distinct token ids in [0, {self.config.vocab_size}), got {ids}")
         ids = ids.long().sort().values
         position = torch.full((self.config.vocab_size,), -100, dtype=torch.long)

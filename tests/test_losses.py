@@ -194,7 +194,7 @@ def test_itg_over_a_vocabulary_subset_equals_the_full_head_restricted_to_it():
     again = Blip2Stage1(full.config, dec_token_id=DEC, itg_vocab=vocab)
     again.load_state_dict(restricted.state_dict())
     assert torch.equal(again.itg_vocab, vocab.sort().values)
-    for bad in ([], [3, 3], [-1], [VOCAB], [1.5]):
+    for bad in ([], [3, 3], [-1], [VOCAB], [1.5], [True, False], [[3, 7]]):
         with pytest.raises(ValueError, match="itg_vocab"):
             Blip2Stage1(full.config, dec_token_id=DEC, itg_vocab=torch.tensor(bad))
 
