@@ -54,6 +54,10 @@ class Blip2(nn.Module):
             features can be passed instead), with a ``preprocess`` method for PIL images.
         image_token_id: the id transformers' BLIP-2 uses as placeholder for the soft prompt in
             ``input_ids``; only used to make repetition penalties see the same ids as transformers.
+        prompt_in_decoder: for an encoder-decoder LLM pretrained to read its question at the start
+            of its decoder (the lite world's T5): ``generate`` gives the encoder the soft prompt alone
+            and starts the decoder from the prompt. False (FlanT5, as in BLIP-2): the prompt follows
+            the soft prompt in the encoder.
     """
 
     def __init__(
@@ -64,8 +68,13 @@ class Blip2(nn.Module):
         image_encoder: nn.Module | None = None,
         vision_layer_norm_eps: float = 1e-6,
         image_token_id: int | None = None,
+        prompt_in_decoder: bool = False,
     ):
         super().__init__()
+        if prompt_in_decoder and not language_model.config.get_text_config().is_encoder_decoder:
+            raise ValueError("prompt_in_decoder is for an encoder-decoder LLM; a decoder-only one reads "
+                             "its prompt after the soft prompt")
+        self.prompt_in_decoder = prompt_in_decoder
         self.image_encoder = image_encoder
         if image_encoder is not None:
             image_encoder.requires_grad_(False).eval()
@@ -77,14 +86,16 @@ class Blip2(nn.Module):
         self.image_token_id = image_token_id
 
     @classmethod
-    def from_stage1(cls, stage1: nn.Module, language_model: nn.Module, tokenizer=None) -> "Blip2":
+    def from_stage1(cls, stage1: nn.Module, language_model: nn.Module, tokenizer=None,
+                    prompt_in_decoder: bool = False) -> "Blip2":
         """Stage 2 starts from the stage-1 Q-Former (its query side: stage 2 feeds it no text, as in
         the Salesforce stage-2 checkpoints) and the stage-1 vision LayerNorm. Stage 1 is left intact."""
         qformer = QFormer(replace(stage1.qformer.config, text_input=False))
         text_side = ("word_embeddings.", "position_embeddings.", ".text_ffn.")
         qformer.load_state_dict({k: v.clone() for k, v in stage1.qformer.state_dict().items()
                                  if not any(part in k for part in text_side)})
-        model = cls(qformer, language_model, tokenizer, stage1.image_encoder, stage1.ln_vision.eps)
+        model = cls(qformer, language_model, tokenizer, stage1.image_encoder, stage1.ln_vision.eps,
+                    prompt_in_decoder=prompt_in_decoder)
         model.ln_vision.load_state_dict(stage1.ln_vision.state_dict())
         return model
 
@@ -192,6 +203,8 @@ class Blip2(nn.Module):
         that processors such as the repetition penalty see the prompt, as in transformers' BLIP-2.
         """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if self.prompt_in_decoder:
+            return self._generate_after_decoder_prompts(soft, input_ids, attention_mask, **generate_kwargs)
         inputs_embeds, mask = self.llm_inputs(soft, input_ids, attention_mask)
         if self.encoder_decoder:
             return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
@@ -201,6 +214,26 @@ class Blip2(nn.Module):
         out = self.language_model.generate(input_ids=ids_with_soft, inputs_embeds=inputs_embeds, attention_mask=mask,
                                            **generate_kwargs)
         return out[:, ids_with_soft.shape[1]:]
+
+    def _generate_after_decoder_prompts(self, soft, input_ids, attention_mask, **generate_kwargs) -> torch.Tensor:
+        """``prompt_in_decoder``: the encoder reads the soft prompt alone and the decoder starts from
+        ``[start; prompt]`` (right-padded ``input_ids``); rows are generated in groups of one prompt
+        length, the prompt is left out of the new ids, and they are padded to one width."""
+        check_token_ids(input_ids, self.language_model.get_input_embeddings().num_embeddings, "the language model's")
+        start = self.language_model.config.get_text_config().decoder_start_token_id
+        per_row = generate_kwargs.get("num_return_sequences", 1)
+        lengths, pieces = attention_mask.sum(dim=1), {}
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero().squeeze(1)
+            decoder_ids = torch.cat([input_ids.new_full((len(rows), 1), start), input_ids[rows, :length]], dim=1)
+            out = self.language_model.generate(inputs_embeds=soft[rows], attention_mask=soft.new_ones(
+                soft.shape[:2], dtype=torch.long)[rows], decoder_input_ids=decoder_ids, **generate_kwargs)
+            for j, row in enumerate(rows.tolist()):
+                pieces[row] = out[j * per_row:(j + 1) * per_row, 1 + length:]
+        width = max(p.shape[1] for p in pieces.values())
+        pad = generate_kwargs.get("pad_token_id", self.language_model.config.pad_token_id)
+        return torch.cat([nn.functional.pad(pieces[row], (0, width - pieces[row].shape[1]), value=pad)
+                          for row in range(len(lengths))])
 
     @torch.no_grad()
     def generate(
@@ -251,7 +284,7 @@ class Blip2(nn.Module):
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings (one for all images, or one per image)")
 
-        input_ids, attention_mask = self.tokenize_prompts(prompts)
+        input_ids, attention_mask = self.tokenize_prompts(prompts, special_tokens=not self.prompt_in_decoder)
         self._check_window(input_ids.shape[1], max_new_tokens)
         if seed is not None:
             torch.manual_seed(seed)
@@ -268,11 +301,12 @@ class Blip2(nn.Module):
         new_ids = self.generate_ids(soft, input_ids.to(soft.device), attention_mask.to(soft.device), **options)
         return [text.strip() for text in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
 
-    def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt ids (with the tokenizer's own special tokens, e.g. OPT's leading ``</s>``) padded on
-        the left for decoder-only LLMs, so that generation continues from the same position in every
-        row, and on the right for encoder-decoder ones. Empty prompts are allowed."""
-        rows = self.tokenizer(prompts).input_ids
+    def tokenize_prompts(self, prompts: list[str], special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt ids (with the tokenizer's own special tokens, e.g. OPT's leading ``</s>``, unless
+        ``special_tokens`` is False) padded on the left for decoder-only LLMs, so that generation
+        continues from the same position in every row, and on the right for encoder-decoder ones.
+        Empty prompts are allowed."""
+        rows = self.tokenizer(prompts, add_special_tokens=special_tokens).input_ids
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids, mask = [], []
