@@ -360,7 +360,8 @@ for direction, name in (("i2t", "image->text"), ("t2i", "text->image")):
 # length penalty -1 for FlanT5. They return the benchmarks' results formats, `[{"image_id",
 # "caption"}]` and `[{"question_id", "answer"}]`, and run as well on COCO, Flickr30k, NoCaps or
 # VQAv2 loaded with `blip2_lite.eval_sets`. The lite LLMs learned the world's captions without a
-# prompt, so they caption from an empty one instead of "a photo of".
+# prompt, so they caption from an empty one instead of "a photo of"; and the lite T5 reads the
+# question prompt at the start of its decoder, as it was pretrained to (chapter 6).
 #
 # The table is in miniature twice over: the first 150 test images (their captions and 900
 # questions), because beam search over the whole split would take most of this chapter's time on 2
