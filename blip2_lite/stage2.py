@@ -222,7 +222,7 @@ class Blip2(nn.Module):
         check_token_ids(input_ids, self.language_model.get_input_embeddings().num_embeddings, "the language model's")
         start = self.language_model.config.get_text_config().decoder_start_token_id
         per_row = generate_kwargs.get("num_return_sequences", 1)
-        lengths, pieces = attention_mask.sum(dim=1), {}
+        lengths, pieces = attention_mask.long().sum(dim=1), {}  # an all-empty batch's mask is a float [B, 0]
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().squeeze(1)
             decoder_ids = torch.cat([input_ids.new_full((len(rows), 1), start), input_ids[rows, :length]], dim=1)

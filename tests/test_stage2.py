@@ -188,6 +188,8 @@ def test_a_prompt_in_the_decoder_is_read_after_the_soft_prompt_alone(tmp_path, n
                            do_sample=False, pad_token_id=PAD)
         assert batched[i] == model.tokenizer.decode(out[0, len(start):], skip_special_tokens=True).strip()
     assert batched != model.generate(image_features=features, prompts=prompts[:1] * 3, max_new_tokens=5)  # prompts matter
+    captions = model.generate(image_features=features, max_new_tokens=5, num_beams=num_beams)  # no prompt at all
+    assert captions[1] == batched[1]
     with pytest.raises(ValueError, match="prompt_in_decoder is for an encoder-decoder"):
         type(model)(model.qformer, tiny_conditional(tmp_path / "opt", "opt").language_model, prompt_in_decoder=True)
 
