@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .decoder_prompts import generate_by_prompt_length, pad_right
 from .encoders.frozen import normalized_features, vision_embeds
 from .encoders.images import as_image_list
 from .families import LLMFamily, family_of
@@ -203,8 +204,16 @@ class Blip2(nn.Module):
         that processors such as the repetition penalty see the prompt, as in transformers' BLIP-2.
         """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        if self.prompt_in_decoder:
-            return self._generate_after_decoder_prompts(soft, input_ids, attention_mask, **generate_kwargs)
+        if self.prompt_in_decoder:  # the encoder reads the soft prompt alone; right-padded prompts
+            check_token_ids(input_ids, self.language_model.get_input_embeddings().num_embeddings, "the language model's")
+            lengths = attention_mask.long().sum(dim=1).tolist()  # long: an all-empty batch's mask is a float [B, 0]
+            prompts = [ids[:n].tolist() for ids, n in zip(input_ids, lengths)]
+            ones = soft.new_ones(soft.shape[:2], dtype=torch.long)
+            new_ids = generate_by_prompt_length(
+                self.language_model.generate, lambda rows: dict(inputs_embeds=soft[rows], attention_mask=ones[rows]),
+                prompts, self.language_model.config.get_text_config().decoder_start_token_id, soft.device,
+                **generate_kwargs)
+            return pad_right(new_ids, generate_kwargs.get("pad_token_id", self.language_model.config.pad_token_id))
         inputs_embeds, mask = self.llm_inputs(soft, input_ids, attention_mask)
         if self.encoder_decoder:
             return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
@@ -214,26 +223,6 @@ class Blip2(nn.Module):
         out = self.language_model.generate(input_ids=ids_with_soft, inputs_embeds=inputs_embeds, attention_mask=mask,
                                            **generate_kwargs)
         return out[:, ids_with_soft.shape[1]:]
-
-    def _generate_after_decoder_prompts(self, soft, input_ids, attention_mask, **generate_kwargs) -> torch.Tensor:
-        """``prompt_in_decoder``: the encoder reads the soft prompt alone and the decoder starts from
-        ``[start; prompt]`` (right-padded ``input_ids``); rows are generated in groups of one prompt
-        length, the prompt is left out of the new ids, and they are padded to one width."""
-        check_token_ids(input_ids, self.language_model.get_input_embeddings().num_embeddings, "the language model's")
-        start = self.language_model.config.get_text_config().decoder_start_token_id
-        per_row = generate_kwargs.get("num_return_sequences", 1)
-        lengths, pieces = attention_mask.long().sum(dim=1), {}  # an all-empty batch's mask is a float [B, 0]
-        for length in lengths.unique().tolist():
-            rows = (lengths == length).nonzero().squeeze(1)
-            decoder_ids = torch.cat([input_ids.new_full((len(rows), 1), start), input_ids[rows, :length]], dim=1)
-            out = self.language_model.generate(inputs_embeds=soft[rows], attention_mask=soft.new_ones(
-                soft.shape[:2], dtype=torch.long)[rows], decoder_input_ids=decoder_ids, **generate_kwargs)
-            for j, row in enumerate(rows.tolist()):
-                pieces[row] = out[j * per_row:(j + 1) * per_row, 1 + length:]
-        width = max(p.shape[1] for p in pieces.values())
-        pad = generate_kwargs.get("pad_token_id", self.language_model.config.pad_token_id)
-        return torch.cat([nn.functional.pad(pieces[row], (0, width - pieces[row].shape[1]), value=pad)
-                          for row in range(len(lengths))])
 
     @torch.no_grad()
     def generate(

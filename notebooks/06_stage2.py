@@ -118,7 +118,7 @@ for family, (language_model, tokenizer) in llms.items():
 # encoder (the paper's prefix LM splits each caption into an encoder prefix and a target; with whole
 # captions the lite T5 followed the image about twice as closely, README). Same training loop as
 # stage 1: AdamW, warm-up and cosine decay, checkpoints every 100 steps, exact resume. The `course`
-# preset runs 200 steps for OPT and 300 for T5; `course-no-stage1` is the same training from a Q-Former that skipped
+# preset runs 200 steps per LLM; `course-no-stage1` is the same training from a Q-Former that skipped
 # stage 1 (the paper's Figure 5 ablation, for a later chapter).
 
 # %%
@@ -161,7 +161,7 @@ for family, (model, _, metrics) in stage2.items():
           f"{metrics['caption_image_gap']:10.1f} {distinct:>14d}/100")
 
 # %% [markdown]
-# **What this run shows, honestly.** At the course budget (200 stage-2 steps for OPT and 300 for T5
+# **What this run shows, honestly.** At the course budget (200 stage-2 steps per LLM
 # on top of 200 stage-1 steps) both LLMs follow the image. Their captions differ from image to image and fit
 # their own image clearly better than another one (the course holds each LLM to an image gap of 10
 # and 100 distinct captions of the 500 test images). OPT, which has learned to copy a caption from

@@ -247,7 +247,10 @@ def test_seeded_pretraining_is_reproducible(world, tokenizer, family):
 def test_batched_generation_matches_one_prompt_at_a_time(world, tokenizer, family):
     model = llm.build_llm(family, tokenizer, seed=0).eval()
     prompts, decoder_prompts, _, _ = llm.vqa_prompts(world["val"].select(range(1)), family)  # ragged: padding matters
-    batched = llm.generate_text(model, tokenizer, family, prompts, max_new_tokens=4, decoder_prompts=decoder_prompts)
+    if decoder_prompts is not None:  # batches of 4 straddle decoder prompts of different lengths
+        assert len({len(d.split()) for d in decoder_prompts}) > 1
+    batched = llm.generate_text(model, tokenizer, family, prompts, max_new_tokens=4, batch_size=4,
+                                decoder_prompts=decoder_prompts)
     assert batched == [llm.generate_text(model, tokenizer, family, [p], max_new_tokens=4,
                                          decoder_prompts=None if decoder_prompts is None else [d])[0]
                        for p, d in zip(prompts, decoder_prompts or prompts)]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import OPTConfig, PreTrainedTokenizerFast, T5Config
 
 from ..atomic import atomic_path
+from ..decoder_prompts import generate_by_prompt_length, pad_right
 from ..devices import autocast
 from ..evaluate.vqa import vqa_scores
 from ..families import llm_family
@@ -227,25 +228,27 @@ def generate_text(model, tokenizer, family: str, prompts: list[str], max_new_tok
     encoded = encode(tokenizer, prompts)
     starts = encode(tokenizer, decoder_prompts) if decoder_prompts is not None else [[] for _ in prompts]
     # rows in order of length, so that a batch pads little (two thirds of the time for the test
-    # questions after their captions, the same answers); a batch shares its decoder prompts' length
+    # questions after their captions, the same answers) and mostly shares its decoder prompts' length
     order = sorted(range(len(prompts)), key=lambda i: (len(starts[i]), len(encoded[i])))
     pad = tokenizer.pad_token_id
-    outputs, done = [""] * len(prompts), 0
-    while done < len(order):
-        rows = [i for i in order[done:done + batch_size] if len(starts[i]) == len(starts[order[done]])]
-        done += len(rows)
+    options = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                   eos_token_id=tokenizer.eos_token_id)
+    outputs = [""] * len(prompts)
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
         if kind.encoder_decoder:  # an empty text is one visible pad, as in pretraining (llm_text.t5_batch)
             sources = [encoded[i] or [pad] for i in rows]
-            batch = {"input_ids": pad_rows(sources, pad), "attention_mask": pad_rows([[1] * len(s) for s in sources], 0),
-                     "decoder_input_ids": torch.tensor([[pad] + starts[i] for i in rows])}
-            drop = 1 + len(starts[rows[0]])  # the decoder's start token and prompt
+            ids, mask = pad_rows(sources, pad).to(model.device), pad_rows([[1] * len(s) for s in sources], 0).to(model.device)
+            new_ids = generate_by_prompt_length(
+                model.generate, lambda group: dict(input_ids=ids[group], attention_mask=mask[group]),
+                [starts[i] for i in rows], pad, model.device, **options)  # T5's decoder starts from its pad
+            new_ids = pad_right(new_ids, pad)
         else:
             batch = tokenizer([prompts[i] for i in rows], padding=True, padding_side=kind.padding_side,
-                              return_tensors="pt")
-            drop = batch["input_ids"].shape[1]  # the prompt
-        ids = model.generate(**{k: v.to(model.device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for i, text in zip(rows, tokenizer.batch_decode(ids[:, drop:], skip_special_tokens=True)):
+                              return_tensors="pt").to(model.device)
+            new_ids = model.generate(**batch, **options)
+            new_ids = new_ids[:, batch["input_ids"].shape[1]:]  # drop the prompt
+        for i, text in zip(rows, tokenizer.batch_decode(new_ids, skip_special_tokens=True)):
             outputs[i] = text
     return outputs
 

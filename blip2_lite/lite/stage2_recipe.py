@@ -151,8 +151,7 @@ def run_stage2(family: str = "opt", preset: str = "course", root: str | None = N
 
     sampler = stage2_sampler(world.splits["train"].features, world.dataset["train"]["captions"], model.tokenizer,
                              model.encoder_decoder, chosen.train.batch_size)
-    config = chosen.train_for(model.family)
-    history = train(model, sampler, stage2_losses, config, run_dir, progress=progress, device=device,
+    history = train(model, sampler, stage2_losses, chosen.train, run_dir, progress=progress, device=device,
                     evaluate=lambda m: stage2_validation(m, world, chosen.val_vqa_images))
     metrics_path = run_dir / "test_metrics.json"
     if metrics_path.exists():
