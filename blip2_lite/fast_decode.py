@@ -153,7 +153,9 @@ def fast_decoding(language_model, max_length: int):
             raise ValueError("fast decoding covers greedy and beam search; sample with plain generate")
         prompt = kwargs.get("inputs_embeds", kwargs.get("input_ids"))
         new_tokens = kwargs.get("max_new_tokens", language_model.generation_config.max_new_tokens)
-        needed = (new_tokens or 0) + (1 if language_model.config.is_encoder_decoder else prompt.shape[1])
+        # an encoder-decoder's cache holds its decoder's start (and any decoder prompt) + new tokens
+        decoder_start = kwargs["decoder_input_ids"].shape[1] if "decoder_input_ids" in kwargs else 1
+        needed = (new_tokens or 0) + (decoder_start if language_model.config.is_encoder_decoder else prompt.shape[1])
         if new_tokens is None or needed > max_length:
             raise ValueError(f"fast decoding was set up for {max_length} positions; this call needs {needed} "
                              f"({prompt.shape[1]} in the prompt, max_new_tokens={new_tokens}): raise max_length")

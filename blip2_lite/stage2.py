@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .decoder_prompts import generate_by_prompt_length, pad_right
 from .encoders.frozen import normalized_features, vision_embeds
 from .encoders.images import as_image_list
 from .families import LLMFamily, family_of
@@ -54,6 +55,10 @@ class Blip2(nn.Module):
             features can be passed instead), with a ``preprocess`` method for PIL images.
         image_token_id: the id transformers' BLIP-2 uses as placeholder for the soft prompt in
             ``input_ids``; only used to make repetition penalties see the same ids as transformers.
+        prompt_in_decoder: for an encoder-decoder LLM pretrained to read its question at the start
+            of its decoder (the lite world's T5): ``generate`` gives the encoder the soft prompt alone
+            and starts the decoder from the prompt. False (FlanT5, as in BLIP-2): the prompt follows
+            the soft prompt in the encoder.
     """
 
     def __init__(
@@ -64,8 +69,13 @@ class Blip2(nn.Module):
         image_encoder: nn.Module | None = None,
         vision_layer_norm_eps: float = 1e-6,
         image_token_id: int | None = None,
+        prompt_in_decoder: bool = False,
     ):
         super().__init__()
+        if prompt_in_decoder and not language_model.config.get_text_config().is_encoder_decoder:
+            raise ValueError("prompt_in_decoder is for an encoder-decoder LLM; a decoder-only one reads "
+                             "its prompt after the soft prompt")
+        self.prompt_in_decoder = prompt_in_decoder
         self.image_encoder = image_encoder
         if image_encoder is not None:
             image_encoder.requires_grad_(False).eval()
@@ -77,14 +87,16 @@ class Blip2(nn.Module):
         self.image_token_id = image_token_id
 
     @classmethod
-    def from_stage1(cls, stage1: nn.Module, language_model: nn.Module, tokenizer=None) -> "Blip2":
+    def from_stage1(cls, stage1: nn.Module, language_model: nn.Module, tokenizer=None,
+                    prompt_in_decoder: bool = False) -> "Blip2":
         """Stage 2 starts from the stage-1 Q-Former (its query side: stage 2 feeds it no text, as in
         the Salesforce stage-2 checkpoints) and the stage-1 vision LayerNorm. Stage 1 is left intact."""
         qformer = QFormer(replace(stage1.qformer.config, text_input=False))
         text_side = ("word_embeddings.", "position_embeddings.", ".text_ffn.")
         qformer.load_state_dict({k: v.clone() for k, v in stage1.qformer.state_dict().items()
                                  if not any(part in k for part in text_side)})
-        model = cls(qformer, language_model, tokenizer, stage1.image_encoder, stage1.ln_vision.eps)
+        model = cls(qformer, language_model, tokenizer, stage1.image_encoder, stage1.ln_vision.eps,
+                    prompt_in_decoder=prompt_in_decoder)
         model.ln_vision.load_state_dict(stage1.ln_vision.state_dict())
         return model
 
@@ -192,6 +204,16 @@ class Blip2(nn.Module):
         that processors such as the repetition penalty see the prompt, as in transformers' BLIP-2.
         """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if self.prompt_in_decoder:  # the encoder reads the soft prompt alone; right-padded prompts
+            check_token_ids(input_ids, self.language_model.get_input_embeddings().num_embeddings, "the language model's")
+            lengths = attention_mask.long().sum(dim=1).tolist()  # long: an all-empty batch's mask is a float [B, 0]
+            prompts = [ids[:n].tolist() for ids, n in zip(input_ids, lengths)]
+            ones = soft.new_ones(soft.shape[:2], dtype=torch.long)
+            new_ids = generate_by_prompt_length(
+                self.language_model.generate, lambda rows: dict(inputs_embeds=soft[rows], attention_mask=ones[rows]),
+                prompts, self.language_model.config.get_text_config().decoder_start_token_id, soft.device,
+                **generate_kwargs)
+            return pad_right(new_ids, generate_kwargs.get("pad_token_id", self.language_model.config.pad_token_id))
         inputs_embeds, mask = self.llm_inputs(soft, input_ids, attention_mask)
         if self.encoder_decoder:
             return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generate_kwargs)
@@ -251,7 +273,7 @@ class Blip2(nn.Module):
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings (one for all images, or one per image)")
 
-        input_ids, attention_mask = self.tokenize_prompts(prompts)
+        input_ids, attention_mask = self.tokenize_prompts(prompts, special_tokens=not self.prompt_in_decoder)
         self._check_window(input_ids.shape[1], max_new_tokens)
         if seed is not None:
             torch.manual_seed(seed)
@@ -268,11 +290,12 @@ class Blip2(nn.Module):
         new_ids = self.generate_ids(soft, input_ids.to(soft.device), attention_mask.to(soft.device), **options)
         return [text.strip() for text in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
 
-    def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt ids (with the tokenizer's own special tokens, e.g. OPT's leading ``</s>``) padded on
-        the left for decoder-only LLMs, so that generation continues from the same position in every
-        row, and on the right for encoder-decoder ones. Empty prompts are allowed."""
-        rows = self.tokenizer(prompts).input_ids
+    def tokenize_prompts(self, prompts: list[str], special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt ids (with the tokenizer's own special tokens, e.g. OPT's leading ``</s>``, unless
+        ``special_tokens`` is False) padded on the left for decoder-only LLMs, so that generation
+        continues from the same position in every row, and on the right for encoder-decoder ones.
+        Empty prompts are allowed."""
+        rows = self.tokenizer(prompts, add_special_tokens=special_tokens).input_ids
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids, mask = [], []

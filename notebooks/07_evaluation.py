@@ -26,7 +26,7 @@
 # 2. computes the VQAv2 accuracy by hand, with the cases where scripts disagree;
 # 3. draws the retrieval protocol (ITC for every pair, ITM for each query's top k) and checks the
 #    package's re-ranking against brute force;
-# 4. runs the zero-shot task runners with the paper's decoding on 150 test images: Table 1 in
+# 4. runs the zero-shot task runners with the paper's decoding on 100 test images: Table 1 in
 #    miniature, in the benchmarks' results formats;
 # 5. shows the best and worst captions and answers, and the other tables (`python -m blip2_lite
 #    reproduce`).
@@ -360,14 +360,15 @@ for direction, name in (("i2t", "image->text"), ("t2i", "text->image")):
 # length penalty -1 for FlanT5. They return the benchmarks' results formats, `[{"image_id",
 # "caption"}]` and `[{"question_id", "answer"}]`, and run as well on COCO, Flickr30k, NoCaps or
 # VQAv2 loaded with `blip2_lite.eval_sets`. The lite LLMs learned the world's captions without a
-# prompt, so they caption from an empty one instead of "a photo of".
+# prompt, so they caption from an empty one instead of "a photo of"; and the lite T5 reads the
+# question prompt at the start of its decoder, as it was pretrained to (chapter 6).
 #
-# The table is in miniature twice over: the first 150 test images (their captions and 900
+# The table is in miniature twice over: the first 100 test images (their captions and 600
 # questions), because beam search over the whole split would take most of this chapter's time on 2
 # cores; chapter 6 scored every test image and question with greedy decoding.
 
 # %%
-TABLE_IMAGES = 150
+TABLE_IMAGES = 100
 table_split, table_features = test_split.select(range(TABLE_IMAGES)), test.features[:TABLE_IMAGES]
 rows, outputs = [], {}
 for family in sorted(FAMILIES):
@@ -390,7 +391,7 @@ for family, (_, _, scores) in outputs.items():
 # %% [markdown]
 # ## 5. The best and the worst captions
 #
-# CIDEr per image (over the 150 images' document frequencies) ranks the captions of one model.
+# CIDEr per image (over the 100 images' document frequencies) ranks the captions of one model.
 
 # %%
 family = "t5"

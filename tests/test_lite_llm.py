@@ -128,24 +128,34 @@ def test_t5_pairs_have_the_agreed_format(world):
     split = world["train"]
     pairs = llm_text.t5_pairs(split, seed=0)
     captions = [c for per_image in split["captions"] for c in per_image]
-    assert len(pairs) == 2 * len(captions) + 6 * len(split)
-    for (source, target), caption in zip(pairs, captions):
-        assert target.endswith("</s>") and target[:-4]
+    questions = 6 * len(split)
+    assert len(pairs) == 2 * len(captions) + llm_text.T5_READING_REPEATS * questions
+    for (source, prompt, target), caption in zip(pairs, captions):
+        assert prompt == "" and target.endswith("</s>") and target[:-4]
         assert f"{source} {target[:-4]}".strip() == caption  # a split at a word boundary
-    assert any(source == "" for source, _ in pairs[: len(captions)])  # k = 0 occurs
+    assert any(source == "" for source, _, _ in pairs[: len(captions)])  # k = 0 occurs
     per_image = len(split["captions"][0])
-    for n, (source, target) in enumerate(pairs[len(captions) : 2 * len(captions)]):
+    for n, (source, prompt, target) in enumerate(pairs[len(captions) : 2 * len(captions)]):
         image_captions = split["captions"][n // per_image]
-        assert target == f"{image_captions[n % per_image]}</s>"  # every caption once, in order
+        assert prompt == "" and target == f"{image_captions[n % per_image]}</s>"  # every caption once, in order
         assert source in image_captions and source != image_captions[n % per_image]  # another one of its image
-    qa = iter(pairs[2 * len(captions) :])
-    for per_image, questions, answers in zip(split["captions"], split["questions"], split["answers"]):
-        for question, ten in zip(questions, answers):
-            source, target = next(qa)
-            prompt = " " + PROMPTS["vqa_t5"].format(question)
-            assert source.endswith(prompt) and source[: -len(prompt)] in per_image
-            assert target == f"{majority_answer(ten)}</s>"
+    reading = pairs[2 * len(captions) :]
+    assert reading == reading[:questions] * llm_text.T5_READING_REPEATS
+    qa = iter(reading)
+    for per_image, questions_, answers in zip(split["captions"], split["questions"], split["answers"]):
+        for question, ten in zip(questions_, answers):
+            source, prompt, target = next(qa)
+            assert source in per_image and prompt == PROMPTS["vqa_t5"].format(question)  # the question in the decoder
+            assert target == f" {majority_answer(ten)}</s>"
     assert llm_text.t5_pairs(split, seed=0) == pairs
+
+
+def test_t5_batch_feeds_the_decoder_its_prompt_and_scores_only_the_target():
+    batch = llm_text.t5_batch([[5, 6], []], [[7, 8, 9], []], [[10, 1], [11, 12, 1]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6], [0, 0]] and batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert batch["decoder_input_ids"].tolist() == [[0, 7, 8, 9, 10], [0, 11, 12, 0, 0]]
+    assert batch["decoder_attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 10, 1], [11, 12, 1, -100, -100]]
 
 
 def test_corpora_come_only_from_the_given_split(world):
@@ -153,7 +163,7 @@ def test_corpora_come_only_from_the_given_split(world):
     val_only = [c for per_image in world["val"]["captions"] for c in per_image if c not in train_text]
     assert val_only  # else the test proves nothing
     docs = "\n".join(llm_text.opt_documents(world["train"]))
-    sources = "\n".join(s + t for s, t in llm_text.t5_pairs(world["train"]))
+    sources = "\n".join("".join(pair) for pair in llm_text.t5_pairs(world["train"]))
     assert not any(f"{c}</s>" in docs or f"{c} Question" in docs or c in sources for c in val_only)
 
 
@@ -236,9 +246,14 @@ def test_seeded_pretraining_is_reproducible(world, tokenizer, family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_batched_generation_matches_one_prompt_at_a_time(world, tokenizer, family):
     model = llm.build_llm(family, tokenizer, seed=0).eval()
-    prompts, _, _ = llm.vqa_prompts(world["val"].select(range(1)), family)  # ragged: padding matters
-    batched = llm.generate_text(model, tokenizer, family, prompts, max_new_tokens=4)
-    assert batched == [llm.generate_text(model, tokenizer, family, [p], max_new_tokens=4)[0] for p in prompts]
+    prompts, decoder_prompts, _, _ = llm.vqa_prompts(world["val"].select(range(1)), family)  # ragged: padding matters
+    if decoder_prompts is not None:  # batches of 4 straddle decoder prompts of different lengths
+        assert len({len(d.split()) for d in decoder_prompts}) > 1
+    batched = llm.generate_text(model, tokenizer, family, prompts, max_new_tokens=4, batch_size=4,
+                                decoder_prompts=decoder_prompts)
+    assert batched == [llm.generate_text(model, tokenizer, family, [p], max_new_tokens=4,
+                                         decoder_prompts=None if decoder_prompts is None else [d])[0]
+                       for p, d in zip(prompts, decoder_prompts or prompts)]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -248,8 +263,7 @@ def test_plain_attention_equals_the_fused_kernel(world, tokenizer, family):
     model = llm.build_llm(family, tokenizer, seed=0).eval()
     assert model.config._attn_implementation == presets.LLM_ATTENTION == "eager"
     batch = llm_text.collate(family, tokenizer, llm_text.tokenized_examples(family, tokenizer, world["val"], seed=0)[:6])
-    inputs = {k: v for k, v in batch.items() if k != "labels"} | (
-        {"decoder_input_ids": batch["input_ids"][:, :5]} if family == "t5" else {})
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         plain = model(**inputs).logits
         model.set_attn_implementation("sdpa")
@@ -285,8 +299,7 @@ def test_load_lite_llm_trains_once_then_loads_the_same_frozen_model(world, famil
     again, tokenizer_again = llm.load_lite_llm(family, data, root=tmp_path, progress=False)
     assert tokenizer_again.get_vocab() == tokenizer.get_vocab()
     batch = llm_text.collate(family, tokenizer, llm_text.tokenized_examples(family, tokenizer, data["val"], seed=0)[:4])
-    inputs = {k: v for k, v in batch.items() if k != "labels"} | (
-        {"decoder_input_ids": batch["input_ids"][:, :3]} if family == "t5" else {})
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, again(**inputs).logits)
     for loaded in (model, again):

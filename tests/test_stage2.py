@@ -169,6 +169,31 @@ def test_prompts_sharing_an_image_read_it_once(captioner, monkeypatch):
     assert read == [4, 5]  # the Q-Former read 4 images for 5 prompts, then the 5 repeated rows
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_prompt_in_the_decoder_is_read_after_the_soft_prompt_alone(tmp_path, num_beams):
+    """``prompt_in_decoder`` (the lite T5): the encoder reads only the soft prompt and the decoder starts
+    from [start; prompt]; equal to transformers' generate called that way row by row, whatever the
+    other rows' prompt lengths."""
+    reference = tiny_conditional(tmp_path, "t5")
+    model = load_hf_blip2(tmp_path, with_vision=False)
+    model.tokenizer, model.prompt_in_decoder = word_tokenizer(), True
+    features = hf_vision_features(reference, torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)))
+    prompts = ["w5 w6 w7", "", "w9"]
+    batched = model.generate(image_features=features, prompts=prompts, max_new_tokens=5, num_beams=num_beams)
+    llm, soft = model.language_model, model.soft_prompt(image_features=features)
+    for i, prompt in enumerate(prompts):
+        start = [llm.config.decoder_start_token_id] + [int(w[1:]) for w in prompt.split()]
+        out = llm.generate(inputs_embeds=soft[i : i + 1], attention_mask=torch.ones(1, soft.shape[1], dtype=torch.long),
+                           decoder_input_ids=torch.tensor([start]), max_new_tokens=5, num_beams=num_beams,
+                           do_sample=False, pad_token_id=PAD)
+        assert batched[i] == model.tokenizer.decode(out[0, len(start):], skip_special_tokens=True).strip()
+    assert batched != model.generate(image_features=features, prompts=prompts[:1] * 3, max_new_tokens=5)  # prompts matter
+    captions = model.generate(image_features=features, max_new_tokens=5, num_beams=num_beams)  # no prompt at all
+    assert captions[1] == batched[1]
+    with pytest.raises(ValueError, match="prompt_in_decoder is for an encoder-decoder"):
+        type(model)(model.qformer, tiny_conditional(tmp_path / "opt", "opt").language_model, prompt_in_decoder=True)
+
+
 def test_generation_settings_reach_generate(captioner):
     model, features = captioner
     greedy = model.generate(image_features=features, prompts="w5", max_new_tokens=8, min_new_tokens=8)

@@ -53,14 +53,21 @@ def generate_for_rows(model, dataset, rows: list[int], prompts: list[str], featu
                       desc: str, decoding: dict) -> list[str]:
     """``model.generate`` for (image row, prompt) pairs, a batch at a time, from cached features or
     from ``dataset``'s images (decoded per batch); a batch's prompts about one image share its soft prompt."""
-    out = []
+    order = list(range(len(rows)))
+    if getattr(model, "prompt_in_decoder", False):  # prompts of one length share a generate call
+        lengths = [len(ids) for ids in model.tokenizer(prompts, add_special_tokens=False).input_ids]
+        order.sort(key=lengths.__getitem__)
+    out = [""] * len(rows)
     for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc=desc, mininterval=2.0):
-        images, image_index = torch.as_tensor(rows[start:start + batch_size]).unique(return_inverse=True)
+        batch = order[start:start + batch_size]
+        images, image_index = torch.as_tensor([rows[i] for i in batch]).unique(return_inverse=True)
         if features is not None:
             given = dict(image_features=features[images].float())
         else:
             given = dict(images=dataset.select(images.tolist())["image"])
-        out += model.generate(prompts=prompts[start:start + batch_size], image_index=image_index, **given, **decoding)
+        texts = model.generate(prompts=[prompts[i] for i in batch], image_index=image_index, **given, **decoding)
+        for i, text in zip(batch, texts):
+            out[i] = text
     return out
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import OPTConfig, PreTrainedTokenizerFast, T5Config
 
 from ..atomic import atomic_path
+from ..decoder_prompts import generate_by_prompt_length, pad_right
 from ..devices import autocast
 from ..evaluate.vqa import vqa_scores
 from ..families import llm_family
@@ -28,6 +29,8 @@ from ..train import TrainConfig, train
 from .llm_text import (
     CORPUS_VERSION,
     collate,
+    encode,
+    pad_rows,
     opt_sampler,
     qa_with_context,
     t5_sampler,
@@ -102,7 +105,7 @@ def heldout_nll(model, tokenizer, family: str, split, seed: int = 0, batch_size:
     """Mean negative log-likelihood per token of the split's documents (OPT) or targets (T5)."""
     examples = tokenized_examples(family, tokenizer, split, seed)
     seq2seq = llm_family(family).encoder_decoder
-    examples.sort(key=lambda e: len(e[0]) + len(e[1]) if seq2seq else len(e))  # less padding
+    examples.sort(key=lambda e: sum(map(len, e)) if seq2seq else len(e))  # less padding
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         nll, n = _token_nll(model, family, collate(family, tokenizer, examples[start:start + batch_size]))
@@ -215,37 +218,58 @@ def load_llm_history(family: str, dataset_dict=None, root: str | Path | None = N
 
 @torch.no_grad()
 def generate_text(model, tokenizer, family: str, prompts: list[str], max_new_tokens: int = 10,
-                  batch_size: int = 128) -> list[str]:
-    """Greedy continuations of ``prompts`` (OPT) or outputs for them as encoder inputs (T5)."""
+                  batch_size: int = 128, decoder_prompts: list[str] | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (OPT), or T5's outputs for ``prompts`` as its encoder's
+    input, its decoder starting from ``decoder_prompts`` when given (left out of the outputs)."""
     kind = llm_family(family)
-    # prompts in order of length, so that a batch pads little: two thirds of the time for the
-    # test questions after their captions, the same answers
-    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
-    order = sorted(range(len(prompts)), key=lengths.__getitem__)
+    if decoder_prompts is not None and (not kind.encoder_decoder or len(decoder_prompts) != len(prompts)):
+        raise ValueError(f"decoder_prompts are for an encoder-decoder LLM, one per prompt: got {len(decoder_prompts)} "
+                         f"for {len(prompts)} prompts to {family}")
+    encoded = encode(tokenizer, prompts)
+    starts = encode(tokenizer, decoder_prompts) if decoder_prompts is not None else [[] for _ in prompts]
+    # rows in order of length, so that a batch pads little (two thirds of the time for the test
+    # questions after their captions, the same answers) and mostly shares its decoder prompts' length
+    order = sorted(range(len(prompts)), key=lambda i: (len(starts[i]), len(encoded[i])))
+    pad = tokenizer.pad_token_id
+    options = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                   eos_token_id=tokenizer.eos_token_id)
     outputs = [""] * len(prompts)
-    for start in range(0, len(prompts), batch_size):
-        rows = order[start:start + batch_size]
-        batch = tokenizer([prompts[i] for i in rows], padding=True, padding_side=kind.padding_side,
-                          return_tensors="pt").to(model.device)
-        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        if not kind.encoder_decoder:
-            ids = ids[:, batch["input_ids"].shape[1]:]  # drop the prompt
-        for i, text in zip(rows, tokenizer.batch_decode(ids, skip_special_tokens=True)):
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
+        if kind.encoder_decoder:  # an empty text is one visible pad, as in pretraining (llm_text.t5_batch)
+            sources = [encoded[i] or [pad] for i in rows]
+            ids, mask = pad_rows(sources, pad).to(model.device), pad_rows([[1] * len(s) for s in sources], 0).to(model.device)
+            new_ids = generate_by_prompt_length(
+                model.generate, lambda group: dict(input_ids=ids[group], attention_mask=mask[group]),
+                [starts[i] for i in rows], pad, model.device, **options)  # T5's decoder starts from its pad
+            new_ids = pad_right(new_ids, pad)
+        else:
+            batch = tokenizer([prompts[i] for i in rows], padding=True, padding_side=kind.padding_side,
+                              return_tensors="pt").to(model.device)
+            new_ids = model.generate(**batch, **options)
+            new_ids = new_ids[:, batch["input_ids"].shape[1]:]  # drop the prompt
+        for i, text in zip(rows, tokenizer.batch_decode(new_ids, skip_special_tokens=True)):
             outputs[i] = text
     return outputs
 
 
-def vqa_prompts(split, family: str, context: bool = True, seed: int = 0) -> tuple[list[str], list[list[str]], list[str]]:
-    """Per question of the split: the family's VQA prompt (after a caption of the image that tells
-    the answer if ``context``, as in pretraining), its ten answers, and its question type."""
-    prompts, answers, types = [], [], []
+def vqa_prompts(split, family: str, context: bool = True, seed: int = 0):
+    """Per question of the split, what the LLM reads as in its pretraining: OPT the family's VQA
+    prompt after a caption of the image that tells the answer (if ``context``); T5 that caption (or
+    nothing) in its encoder and the prompt at the start of its decoder. Returns ``(prompts,
+    decoder_prompts, answers, types)``; ``decoder_prompts`` is None for a decoder-only LLM."""
+    kind = llm_family(family)
+    prompts, decoder_prompts, answers, types = [], [], [], []
     for caption, question, ten, qtype in qa_with_context(split, random.Random(seed)):
-        prompt = llm_family(family).vqa_prompt.format(question)
-        prompts.append(f"{caption} {prompt}" if context else prompt)
+        prompt = kind.vqa_prompt.format(question)
+        if kind.encoder_decoder:
+            prompts.append(caption if context else "")
+            decoder_prompts.append(prompt)
+        else:
+            prompts.append(f"{caption} {prompt}" if context else prompt)
         answers.append(ten)
         types.append(qtype)
-    return prompts, answers, types
+    return prompts, (decoder_prompts if kind.encoder_decoder else None), answers, types
 
 
 def text_vqa_accuracy(model, tokenizer, family: str, split, context: bool = True, seed: int = 0) -> dict[str, float]:
@@ -255,8 +279,8 @@ def text_vqa_accuracy(model, tokenizer, family: str, split, context: bool = True
     pretraining taught it to use); without it, only the question: its language prior, the floor
     that stage 2 must beat.
     """
-    prompts, answers, types = vqa_prompts(split, family, context, seed)
-    predictions = generate_text(model, tokenizer, family, prompts, max_new_tokens=5)
+    prompts, decoder_prompts, answers, types = vqa_prompts(split, family, context, seed)
+    predictions = generate_text(model, tokenizer, family, prompts, max_new_tokens=5, decoder_prompts=decoder_prompts)
     return vqa_scores([p.strip() for p in predictions], answers, types)
 
 

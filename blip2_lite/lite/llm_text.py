@@ -23,11 +23,15 @@ LLM follows a soft prompt only through a route it already uses to read context.
   learn to ignore the unrelated documents before the current one. ``opt_packed_batch`` packs
   rows with a mask that keeps each document to itself.)
 * T5 (encoder-decoder) reads prefix-LM pairs (the first k words of a caption -> the rest),
-  paraphrase pairs (one caption of a scene -> another caption of the same scene) and
-  "{caption} Question: {q} Short answer:" -> "{a}</s>". BLIP-2's stage-2 objective for FlanT5 is
-  such a prefix LM, with the soft prompt in the encoder. The paraphrase pairs are the only text
-  whose *content* (colours, shapes, counts) the decoder must read from the encoder rather than
-  guess; without them T5 gave one caption for every image in stage 2 (README, stage 2).
+  paraphrase pairs (one caption of a scene -> another caption of the same scene) and reading
+  pairs: a caption in the encoder, and in the decoder "Question: {q} Short answer:" as a given
+  prefix (no loss on it) followed by " {a}</s>". The paraphrase pairs are the only text whose
+  *content* (colours, shapes, counts) the decoder must read from the encoder rather than guess;
+  without them T5 gave one caption for every image in stage 2. The question sits in the decoder so
+  that T5 answers by reading the context through its cross-attention, the route by which stage 2
+  teaches it the soft prompt: with the question in the encoder beside the caption, T5 answered by
+  letting the question's tokens read the caption inside the encoder, a route stage 2 never trains,
+  and its zero-shot answers stayed at the majority answer (README, stage 2).
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2: the order in which the 
 # each. Without them OPT's stage-2 captions ignored the image (README, stage 2).
 OPT_PARAPHRASE_ROUNDS, OPT_PARAPHRASE_CONTEXT = 2, 2
 POSITIONS = list(CAPTION_TEMPLATES).index("positions")  # a scene's captions come in the templates' order
-CORPUS_VERSION = 7  # bump when the documents, pairs, tokenizer, batches or training change: cached models are keyed by it
+# T5's reading pairs come this many times over: read from the decoder, answering takes T5 longer to learn
+T5_READING_REPEATS = 3
+CORPUS_VERSION = 8  # bump when the documents, pairs, tokenizer, batches or training change: cached models are keyed by it
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -128,20 +134,22 @@ def paraphrases(split, rng: random.Random, context: int = 1):
             yield [captions[i] for i in others], caption
 
 
-def t5_pairs(split, seed: int = 0) -> list[tuple[str, str]]:
-    """Prefix-LM splits of each caption (first k words -> the rest, k uniform in [0, n_words - 1],
-    so k = 0 gives an empty source), then per caption another caption of its image -> it, then
-    "{context} Question: {q} Short answer:" -> "{a}</s>"."""
+def t5_pairs(split, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(encoder text, decoder prompt, decoder target) triples: prefix-LM splits of each caption (first
+    k words -> the rest, k uniform in [0, n_words - 1], so k = 0 gives an empty source), then per
+    caption another caption of its image -> it (both without a decoder prompt), then
+    ``T5_READING_REPEATS`` times over per question: its context -> "Question: {q} Short answer:",
+    " {a}</s>"."""
     rng = random.Random(seed)
     pairs = []
     for caption in (c for per_image in split["captions"] for c in per_image):
         words = caption.split(" ")
         k = rng.randrange(len(words))
-        pairs.append((" ".join(words[:k]), " ".join(words[k:]) + EOS))
-    pairs += [(source, f"{target}{EOS}") for (source,), target in paraphrases(split, rng)]
-    pairs += [(f"{context} {FAMILIES['t5'].vqa_prompt.format(q)}", f"{majority_answer(ten)}{EOS}")
-              for context, q, ten, _ in qa_with_context(split, rng)]
-    return pairs
+        pairs.append((" ".join(words[:k]), "", " ".join(words[k:]) + EOS))
+    pairs += [(source, "", f"{target}{EOS}") for (source,), target in paraphrases(split, rng)]
+    reading = [(context, FAMILIES["t5"].vqa_prompt.format(q), f" {majority_answer(ten)}{EOS}")
+               for context, q, ten, _ in qa_with_context(split, rng)]
+    return pairs + reading * T5_READING_REPEATS
 
 
 # ----------------------------------------------------------------------------- batches
@@ -156,13 +164,18 @@ def encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts)["input_ids"] if texts else []
 
 
-def t5_batch(sources: list[list[int]], targets: list[list[int]], pad_id: int) -> dict:
+def t5_batch(sources: list[list[int]], prompts: list[list[int]], targets: list[list[int]], pad_id: int) -> dict:
+    """Encoder ``sources``; the decoder reads ``[start; prompt; target]`` (pad is T5's start token)
+    and is scored on the target only. T5 would shift the labels itself, but it turns the prompt's
+    -100 labels into pads, so the decoder's inputs are given."""
     # An empty source (a prefix-LM split at k = 0) becomes one visible pad token: the encoder
     # needs at least one position, and the decoder learns to start a caption from "nothing".
     sources = [s or [pad_id] for s in sources]
-    input_ids = pad_rows(sources, pad_id)
-    attention_mask = pad_rows([[1] * len(s) for s in sources], 0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad_rows(targets, -100)}
+    decoder_rows = [[pad_id] + (p + t)[:-1] for p, t in zip(prompts, targets)]
+    return {"input_ids": pad_rows(sources, pad_id), "attention_mask": pad_rows([[1] * len(s) for s in sources], 0),
+            "decoder_input_ids": pad_rows(decoder_rows, pad_id),
+            "decoder_attention_mask": pad_rows([[1] * len(r) for r in decoder_rows], 0),
+            "labels": pad_rows([[-100] * len(p) + t for p, t in zip(prompts, targets)], -100)}
 
 
 def _rows_and_starts(documents: list[list[int]], eos_id: int, rng: torch.Generator | None):
@@ -240,15 +253,14 @@ def tokenized_examples(family: str, tokenizer, split, seed: int):
     """The split's documents (decoder-only) or pairs (encoder-decoder), tokenised."""
     if not llm_family(family).encoder_decoder:
         return encode(tokenizer, opt_documents(split, seed))
-    sources, targets = zip(*t5_pairs(split, seed))
-    return list(zip(encode(tokenizer, list(sources)), encode(tokenizer, list(targets))))
+    sources, prompts, targets = zip(*t5_pairs(split, seed))
+    return list(zip(*(encode(tokenizer, list(texts)) for texts in (sources, prompts, targets))))
 
 
 def collate(family: str, tokenizer, examples) -> dict:
     if not llm_family(family).encoder_decoder:
         return opt_batch(examples, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    sources, targets = zip(*examples)
-    return t5_batch(list(sources), list(targets), tokenizer.pad_token_id)
+    return t5_batch(*map(list, zip(*examples)), tokenizer.pad_token_id)
 
 
 def opt_sampler(documents: list[list[int]], eos_id: int, pad_id: int, batch_size: int):
@@ -261,9 +273,9 @@ def opt_sampler(documents: list[list[int]], eos_id: int, pad_id: int, batch_size
     return sample
 
 
-def t5_sampler(pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int):
+def t5_sampler(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int, batch_size: int):
     def sample(rng: torch.Generator) -> dict:
         chosen = torch.randint(len(pairs), (batch_size,), generator=rng).tolist()
-        return t5_batch([pairs[i][0] for i in chosen], [pairs[i][1] for i in chosen], pad_id)
+        return t5_batch(*map(list, zip(*(pairs[i] for i in chosen))), pad_id)
 
     return sample

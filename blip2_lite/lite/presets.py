@@ -118,12 +118,14 @@ LLM_SIZES = {
 }
 # By the end of these budgets the held-out perplexity has nearly flattened (README, stage 2). OPT
 # learns to copy from the captions before a caption late and suddenly: at 2e-3 only three of five
-# runs had learned it after 1200 steps, at 1e-3 all three tried (README, stage 2).
+# runs had learned it after 1200 steps, at 1e-3 all three tried (README, stage 2). T5, which reads
+# its question from the decoder, answered 56.1% of the test questions from a caption after 180
+# steps and 60.9% after 270; after stage 2, from the image, 54.0% and 60.5% (README, stage 2).
 LLM_TRAIN = {
     "opt": TrainConfig(steps=1200, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=20, eval_every=400,
                        checkpoint_every=1200),
-    "t5": TrainConfig(steps=180, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=15, eval_every=60,
-                      checkpoint_every=180),
+    "t5": TrainConfig(steps=270, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=15, eval_every=90,
+                      checkpoint_every=270),
 }
 LLM_VOCAB_SIZE = 512  # byte-level BPE over the world's text
 LLM_DROPOUT = 0.0  # pretraining sees each text about once: nothing to regularise, and dropout slows learning

@@ -14,7 +14,7 @@ from ..evaluate.captioning import caption_image_gap, caption_scores
 from ..evaluate.tasks import generate_for_rows
 from ..evaluate.vqa import vqa_scores
 from ..families import llm_family
-from ..llm_inputs import language_batch, split_for_prefix_lm
+from ..llm_inputs import language_batch
 from ..stage2 import Blip2
 from ..train import train
 from .llm import llm_cache_dir, load_lite_llm
@@ -25,11 +25,14 @@ from .world import LiteWorld, load_lite_world
 
 
 def stage2_sampler(features: torch.Tensor, captions: list[list[str]], tokenizer, encoder_decoder: bool, batch_size: int):
-    """Batches of distinct images, each with one caption drawn at random as the LLM's target.
+    """Batches of distinct images, each with one caption drawn at random as the LLM's target, after
+    no text prompt: the soft prompt alone is what the LLM reads (OPT: before the caption; T5: in its
+    encoder).
 
-    Decoder-only LLMs get no text prompt (the caption follows the soft prompt). Encoder-decoder LLMs
-    get prefix language modelling: the caption is split at a random word, the prefix joins the soft
-    prompt in the encoder and the rest is the decoder's target (``llm_inputs.split_for_prefix_lm``).
+    For T5 this departs from the paper's prefix language modelling, which splits the caption at a
+    random word and puts the prefix beside the soft prompt in the encoder: with the whole caption
+    as the target the lite T5 followed the image more (image gap 22.4 against 11.9 and 397 against
+    219 distinct captions, zero-shot VQA 54.4% against 45.6% on 200 test images; README, stage 2).
     """
     n, per_image = len(captions), len(captions[0])
     if batch_size > n:
@@ -39,12 +42,7 @@ def stage2_sampler(features: torch.Tensor, captions: list[list[str]], tokenizer,
         images = torch.randperm(n, generator=rng)[:batch_size]
         picks = torch.randint(per_image, (batch_size,), generator=rng)
         texts = [captions[i][c] for i, c in zip(images.tolist(), picks.tolist())]
-        if encoder_decoder:
-            cuts = [int(torch.randint(len(t.split(" ")), (1,), generator=rng)) for t in texts]
-            prompts, targets = zip(*(split_for_prefix_lm(t, k) for t, k in zip(texts, cuts)))
-        else:
-            prompts, targets = [""] * batch_size, texts
-        tokens = language_batch(tokenizer, list(prompts), list(targets), encoder_decoder)
+        tokens = language_batch(tokenizer, [""] * batch_size, texts, encoder_decoder)
         return {"image_features": features[images].float(), "input_ids": tokens.input_ids,
                 "attention_mask": tokens.attention_mask, "labels": tokens.labels}
 
@@ -57,7 +55,7 @@ def stage2_losses(model, batch: dict, rng: torch.Generator) -> dict[str, torch.T
     return {"loss": out.loss}
 
 
-STAGE2_RUN_VERSION = 3  # bump when a stage-2 run's result changes for the same preset: cached runs are keyed by it
+STAGE2_RUN_VERSION = 4  # bump when a stage-2 run's result changes for the same preset: cached runs are keyed by it
 
 
 def build_stage2_model(world: LiteWorld, family: str, stage1_model=None, stage1_preset: str = "course",
@@ -71,7 +69,9 @@ def build_stage2_model(world: LiteWorld, family: str, stage1_model=None, stage1_
     if stage1_model is None:
         stage1_model = build_stage1_model(world, STAGE1_PRESETS[stage1_preset], seed=seed)
     torch.manual_seed(seed)
-    return Blip2.from_stage1(stage1_model, language_model, tokenizer)
+    # the lite T5 reads a question at the start of its decoder (lite.llm_text)
+    return Blip2.from_stage1(stage1_model, language_model, tokenizer,
+                             prompt_in_decoder=language_model.config.is_encoder_decoder)
 
 
 def stage2_val_loss(model, features: torch.Tensor, captions: list[list[str]], num_images: int = 128) -> float:
