@@ -30,9 +30,9 @@ from .llm_text import (
     CORPUS_VERSION,
     collate,
     encode,
-    pad_rows,
     opt_sampler,
     qa_with_context,
+    t5_encoder_batch,
     t5_sampler,
     tokenized_examples,
     train_tokenizer,
@@ -236,11 +236,10 @@ def generate_text(model, tokenizer, family: str, prompts: list[str], max_new_tok
     outputs = [""] * len(prompts)
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
-        if kind.encoder_decoder:  # an empty text is one visible pad, as in pretraining (llm_text.t5_batch)
-            sources = [encoded[i] or [pad] for i in rows]
-            ids, mask = pad_rows(sources, pad).to(model.device), pad_rows([[1] * len(s) for s in sources], 0).to(model.device)
+        if kind.encoder_decoder:  # the encoder's input built as in pretraining
+            encoder = {k: v.to(model.device) for k, v in t5_encoder_batch([encoded[i] for i in rows], pad).items()}
             new_ids = generate_by_prompt_length(
-                model.generate, lambda group: dict(input_ids=ids[group], attention_mask=mask[group]),
+                model.generate, lambda group: {k: v[group] for k, v in encoder.items()},
                 [starts[i] for i in rows], pad, model.device, **options)  # T5's decoder starts from its pad
             new_ids = pad_right(new_ids, pad)
         else:

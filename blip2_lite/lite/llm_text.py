@@ -164,16 +164,20 @@ def encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts)["input_ids"] if texts else []
 
 
+def t5_encoder_batch(sources: list[list[int]], pad_id: int) -> dict:
+    """T5's encoder ``input_ids`` and ``attention_mask`` for ``sources``, padded on the right."""
+    # An empty source (a prefix-LM split at k = 0) becomes one visible pad token: the encoder
+    # needs at least one position, and the decoder learns to start a caption from "nothing".
+    sources = [s or [pad_id] for s in sources]
+    return {"input_ids": pad_rows(sources, pad_id), "attention_mask": pad_rows([[1] * len(s) for s in sources], 0)}
+
+
 def t5_batch(sources: list[list[int]], prompts: list[list[int]], targets: list[list[int]], pad_id: int) -> dict:
     """Encoder ``sources``; the decoder reads ``[start; prompt; target]`` (pad is T5's start token)
     and is scored on the target only. T5 would shift the labels itself, but it turns the prompt's
     -100 labels into pads, so the decoder's inputs are given."""
-    # An empty source (a prefix-LM split at k = 0) becomes one visible pad token: the encoder
-    # needs at least one position, and the decoder learns to start a caption from "nothing".
-    sources = [s or [pad_id] for s in sources]
     decoder_rows = [[pad_id] + (p + t)[:-1] for p, t in zip(prompts, targets)]
-    return {"input_ids": pad_rows(sources, pad_id), "attention_mask": pad_rows([[1] * len(s) for s in sources], 0),
-            "decoder_input_ids": pad_rows(decoder_rows, pad_id),
+    return {**t5_encoder_batch(sources, pad_id), "decoder_input_ids": pad_rows(decoder_rows, pad_id),
             "decoder_attention_mask": pad_rows([[1] * len(r) for r in decoder_rows], 0),
             "labels": pad_rows([[-100] * len(p) + t for p, t in zip(prompts, targets)], -100)}
 
