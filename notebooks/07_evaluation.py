@@ -45,9 +45,8 @@ import numpy as np
 import torch
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor as meteor_wrapper
-from pycocoevalcap.meteor.meteor import Meteor
 
-from blip2_lite.evaluate.coco_caption import coco_caption_scores, tokenize
+from blip2_lite.evaluate.coco_caption import coco_caption_scores, meteor_scorer, tokenize
 from blip2_lite.evaluate.retrieval import itc_embeddings, itc_score_matrix, itm_match_logits, itm_rerank
 from blip2_lite.evaluate.tasks import caption_task, score_answers, score_captions, vqa_task
 from blip2_lite.evaluate.vqa import vqa_accuracy
@@ -255,9 +254,8 @@ assert per_reference[0][1] == 4  # the swapped colours split the alignment into 
 
 # %%
 gts, res = tokenize([candidate, "two yellow squares"], [references[:1], ["two yellow squares side by side"]])
-scorer = Meteor()
-split_score, per_caption = scorer.compute_score(gts, res)
-del scorer  # stops its Java process
+# the package's one METEOR process (its Java start loads a paraphrase table: seconds, done once)
+split_score, per_caption = meteor_scorer().compute_score(gts, res)
 print(f"per caption: {[round(100 * x, 1) for x in per_caption]}, their mean {100 * np.mean(per_caption):.1f}, "
       f"the split's METEOR {100 * split_score:.1f}")
 assert abs(per_caption[0] - meteor) < 1e-9 and abs(split_score - np.mean(per_caption)) > 0.01

@@ -76,3 +76,21 @@ def test_spice_and_missing_java_are_explained(monkeypatch):
     monkeypatch.setattr(coco_caption.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="openjdk-17-jre-headless"):
         coco_caption_scores(["a"], [["a"]])
+
+
+@needs_java
+def test_one_meteor_process_serves_every_score(monkeypatch):
+    captions = PERFECT[:3] + ["a red square"] * 3
+    coco_caption.close_meteor()
+    first = coco_caption_scores(captions, REFERENCES, metrics=("METEOR",))["METEOR"]
+    process = coco_caption.meteor_scorer().meteor_p
+    assert coco_caption_scores(PERFECT, REFERENCES, metrics=("METEOR",))["METEOR"] == pytest.approx(100)
+    assert coco_caption_scores(captions, REFERENCES, metrics=("METEOR",))["METEOR"] == first
+    assert coco_caption.meteor_scorer().meteor_p is process and process.poll() is None
+    # a call interrupted mid-exchange stops the process; the next call starts a fresh one, same score
+    scorer = coco_caption.meteor_scorer()
+    monkeypatch.setattr(scorer, "_stat", lambda *args: 1 / 0)  # leaves its lock held
+    with pytest.raises(ZeroDivisionError):
+        coco_caption_scores(captions, REFERENCES, metrics=("METEOR",))
+    assert process.poll() is not None
+    assert coco_caption_scores(captions, REFERENCES, metrics=("METEOR",))["METEOR"] == first

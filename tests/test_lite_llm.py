@@ -279,6 +279,29 @@ def test_text_vqa_accuracy_scores_every_question_type(world, tokenizer):
     assert all(0 <= s <= 100 for s in scores.values())
 
 
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_text_vqa_decodes_each_distinct_input_once(world, family, monkeypatch):
+    decoded = []
+
+    def fake_generate(model, tokenizer, family, prompts, max_new_tokens, decoder_prompts=None):
+        # a stand-in LLM that answers an input the way annotators answered its first occurrence
+        decoded.append(len(prompts))
+        return [f" {truth[x]}" for x in zip(prompts, decoder_prompts or [None] * len(prompts))]
+
+    monkeypatch.setattr(llm, "generate_text", fake_generate)
+    for context in (False, True):
+        prompts, decoder_prompts, answers, kinds = llm.vqa_prompts(world["val"], family, context)
+        inputs = list(zip(prompts, decoder_prompts or [None] * len(prompts)))
+        truth = {}
+        for x, ten in zip(inputs, answers):
+            truth.setdefault(x, majority_answer(ten))
+        expected = llm.vqa_scores([truth[x] for x in inputs], answers, kinds)
+        assert llm.text_vqa_accuracy(None, None, family, world["val"], context) == expected
+        assert 0 < expected["vqa_overall"] < 100 or context  # repeated questions with other answers
+        assert decoded.pop() == len(truth) and (context or len(truth) < len(inputs))
+
+
 # ----------------------------------------------------------------------------- cache
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from blip2_lite.evaluate.retrieval import itm_rerank, recalls, retrieval
+from blip2_lite.evaluate.retrieval import itm_match_logits, itm_rerank, recalls, retrieval
 from blip2_lite.losses import itc_similarity
 
 from tiny import tiny_batch, tiny_model
@@ -48,20 +48,39 @@ def test_rerank_of_the_top_k_orders_them_as_brute_force(setup):
             assert torch.equal(row[top].argsort(descending=True), full_row[top].argsort(descending=True))
 
 
-def test_itm_cost_grows_with_pairs_not_images_squared(setup, monkeypatch):
+def test_itm_scores_each_pair_once_and_each_image_keys_values_once(setup, monkeypatch):
     model, features, ids, mask, _, itc, _ = setup
-    calls = []
-    itm_logits = model.itm_logits
+    rows, images = [], []
+    itm_logits, keys_values = model.itm_logits, model.qformer.image_keys_values
 
-    def counting(image_embeds, input_ids, attention_mask, image_index):
-        calls.append((len(image_embeds), len(input_ids)))
-        return itm_logits(image_embeds, input_ids, attention_mask, image_index)
+    def counting_logits(image_embeds, input_ids, attention_mask, image_index, image_kv):
+        rows.append(len(input_ids))
+        return itm_logits(image_embeds, input_ids, attention_mask, image_index, image_kv)
 
-    monkeypatch.setattr(model, "itm_logits", counting)
+    def counting_keys_values(image_embeds, norm=None):
+        images.append(len(image_embeds))
+        return keys_values(image_embeds, norm)
+
+    monkeypatch.setattr(model, "itm_logits", counting_logits)
+    monkeypatch.setattr(model.qformer, "image_keys_values", counting_keys_values)
     itm_rerank(model, features, ids, mask, itc, k_test=1, batch_size=4)
-    pairs = sum(rows for _, rows in calls)
-    assert pairs <= NUM_IMAGES * 1 + len(ids) * 1  # each direction's top 1, a shared pair scored once
-    assert all(images <= rows <= 4 for images, rows in calls)  # keys/values only for each batch's images
+    assert sum(rows) <= NUM_IMAGES * 1 + len(ids) * 1 and max(rows) <= 4  # a shared pair scored once
+    assert sum(images) <= NUM_IMAGES  # keys/values once per image, only for images with a pair
+
+
+def test_itm_logits_in_any_pair_order_and_grouping(setup):
+    model, features, ids, mask, _, _, full = setup
+    pair_image = torch.tensor([4, 0, 2, 2, 1, 4, 3, 0, 1])
+    pair_text = torch.tensor([0, 9, 3, 1, 2, 8, 5, 4, 7])  # ragged texts, in no order
+    with torch.no_grad():
+        embeds = model.image_embeds(image_features=features)
+        itc = itc_similarity(model.itc_image(embeds)[0], model.itc_text(ids, mask))
+    expected = (full - itc)[pair_image, pair_text]
+    for images_per_group, batch_size in ((1, 1), (2, 3), (32, 64)):
+        logits = itm_match_logits(model, embeds, ids, mask, pair_image, pair_text, batch_size,
+                                  bf16=False, images_per_group=images_per_group)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert len(itm_match_logits(model, embeds, ids, mask, pair_image[:0], pair_text[:0])) == 0
 
 
 def test_recall_beyond_k_is_not_reported_after_reranking(setup):

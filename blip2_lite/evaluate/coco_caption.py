@@ -5,13 +5,16 @@ LAVIS's captioning task runs) computes them: references and predictions are toke
 PTBTokenizer (Java; lower-cased, punctuation dropped), then each scorer's
 ``compute_score(gts, res)`` runs on ``gts = {id: [references]}`` and ``res = {id: [prediction]}``.
 The scorers are called one by one here because ``COCOEvalCap.evaluate`` always builds SPICE as
-well, which fails offline (``SPICE_NOTE``). METEOR starts its own Java process
-(``java -jar meteor-1.5.jar``), stopped when its score is in.
+well, which fails offline (``SPICE_NOTE``). METEOR runs in a Java process
+(``java -jar meteor-1.5.jar``) that loads a paraphrase table before its first score (about 5 s on
+2 CPU cores): one process serves every METEOR score of a Python session (``meteor_scorer``).
 """
 
 from __future__ import annotations
 
+import atexit
 import shutil
+import threading
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -27,6 +30,36 @@ SPICE_NOTE = ("SPICE is not reported: pycocoevalcap's SPICE downloads Stanford C
 JAVA_NOTE = ("the COCO caption metrics need Java (PTBTokenizer and METEOR are Java programs) and no `java` is on "
              "the PATH: install a Java runtime, e.g. `apt-get install openjdk-17-jre-headless` or "
              "`conda install -c conda-forge openjdk`")
+
+
+_meteor: Meteor | None = None
+
+
+def meteor_scorer() -> Meteor:
+    """pycocoevalcap's ``Meteor``, started on first use and shared by later calls: each score is of
+    the statistics sent in its own ``compute_score`` call, so sharing the process changes no score,
+    only skips loading the paraphrase table again. Stopped at exit, or by ``close_meteor``."""
+    global _meteor
+    if _meteor is None:
+        if shutil.which("java") is None:
+            raise RuntimeError(JAVA_NOTE)
+        _meteor = Meteor()
+    return _meteor
+
+
+def close_meteor() -> None:
+    """Stop the shared METEOR process (a later ``meteor_scorer`` starts a new one)."""
+    global _meteor
+    if _meteor is not None:
+        scorer, _meteor = _meteor, None
+        scorer.meteor_p.stdin.close()
+        scorer.meteor_p.kill()
+        scorer.meteor_p.wait()
+        scorer.lock = threading.Lock()  # an interrupted compute_score never released the old one: its
+        # __del__ (which stops the process again, harmlessly) would wait for it forever
+
+
+atexit.register(close_meteor)
 
 
 def _one_line(text: str) -> str:
@@ -72,11 +105,11 @@ def coco_caption_scores(predictions: list[str], references: list[list[str]], met
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         out |= {f"Bleu_{n}": 100 * float(b) for n, b in enumerate(bleu, start=1)}
     if "METEOR" in metrics:
-        meteor = Meteor()
         try:
-            out["METEOR"] = 100 * float(meteor.compute_score(gts, res)[0])
-        finally:
-            del meteor  # its __del__ stops the Java process now rather than at exit
+            out["METEOR"] = 100 * float(meteor_scorer().compute_score(gts, res)[0])
+        except BaseException:
+            close_meteor()  # a process interrupted mid-exchange would answer the next call out of step
+            raise
     if "ROUGE_L" in metrics:
         out["ROUGE_L"] = 100 * float(Rouge().compute_score(gts, res)[0])
     if "CIDEr" in metrics:

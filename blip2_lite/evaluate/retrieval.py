@@ -118,24 +118,38 @@ def itc_score_matrix(image_itc: torch.Tensor, text_itc: torch.Tensor, batch_size
 
 @torch.no_grad()
 def itm_match_logits(model, image_embeds, input_ids, attention_mask, pair_image, pair_text, batch_size: int = 64,
-                     progress: bool = False, bf16: bool = True) -> torch.Tensor:
+                     progress: bool = False, bf16: bool = True, images_per_group: int = 32) -> torch.Tensor:
     """ITM match logit (``itm_logits[:, 1]``, the mean over queries) of each (image, text) pair.
 
-    ``image_embeds [N, P, D]`` (after the vision LayerNorm) may live on the CPU: each batch moves
-    only its own images to the model's device and computes their keys/values once, so memory and
-    work grow with the number of pairs, not with N.
+    ``image_embeds [N, P, D]`` (after the vision LayerNorm) may live on the CPU. Pairs run a group of
+    ``images_per_group`` images at a time: the group's image keys/values are computed once on the
+    model's device (memory bounded by the group, not N), and its pairs go in order of text length, so
+    that a batch pads its texts little (the lite world's test captions have 9 to 30 tokens, 18 on
+    average, and batches in arbitrary order were padded to 29: the re-ranking took 1.4x as long).
     """
     device = _device(model)
-    logits = []
-    for i in tqdm(range(0, len(pair_image), batch_size), disable=not progress, desc="ITM re-rank"):
-        images, image_index = pair_image[i : i + batch_size].unique(return_inverse=True)
-        text = pair_text[i : i + batch_size]
-        length = int(attention_mask[text].sum(dim=1).max())  # skip all-padding columns
-        ids, mask = input_ids[text, :length].to(device), attention_mask[text, :length].to(device)
-        with autocast(device, enabled=bf16):  # on a CPU 1.7x faster; ranks barely move
-            logit = model.itm_logits(image_embeds[images].to(device), ids, mask, image_index.to(device))
-        logits.append(logit[:, 1].float().cpu())
-    return torch.cat(logits)
+    pair_image, pair_text = torch.as_tensor(pair_image).long(), torch.as_tensor(pair_text).long()
+    lengths = attention_mask.sum(dim=1)
+    pair_length = lengths[pair_text]
+    group = pair_image.div(images_per_group, rounding_mode="floor")
+    logits = torch.empty(len(pair_image))
+    if not len(pair_image):
+        return logits
+    order = (group * (int(pair_length.max()) + 1) + pair_length).argsort(stable=True)
+    with tqdm(total=len(order), disable=not progress, desc="ITM re-rank") as bar:
+        for rows in order.split(group[order].unique_consecutive(return_counts=True)[1].tolist()):
+            images, image_index = pair_image[rows].unique(return_inverse=True)
+            with autocast(device, enabled=bf16):  # on a CPU 1.7x faster; ranks barely move
+                image_kv = model.qformer.image_keys_values(image_embeds[images].to(device))
+                for i in range(0, len(rows), batch_size):
+                    batch, text = rows[i : i + batch_size], pair_text[rows[i : i + batch_size]]
+                    length = int(lengths[text].max())  # texts are right-padded: skip all-padding columns
+                    logit = model.itm_logits(None, input_ids[text, :length].to(device),
+                                             attention_mask[text, :length].to(device),
+                                             image_index[i : i + batch_size].to(device), image_kv)
+                    logits[batch] = logit[:, 1].float().cpu()
+                    bar.update(len(batch))
+    return logits
 
 
 @torch.no_grad()
