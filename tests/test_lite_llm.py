@@ -279,7 +279,6 @@ def test_text_vqa_accuracy_scores_every_question_type(world, tokenizer):
     assert all(0 <= s <= 100 for s in scores.values())
 
 
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_text_vqa_decodes_each_distinct_input_once(world, family, monkeypatch):
     decoded = []

@@ -142,8 +142,9 @@ def itm_match_logits(model, image_embeds, input_ids, attention_mask, pair_image,
             with autocast(device, enabled=bf16):  # on a CPU 1.7x faster; ranks barely move
                 image_kv = model.qformer.image_keys_values(image_embeds[images].to(device))
                 for i in range(0, len(rows), batch_size):
-                    batch, text = rows[i : i + batch_size], pair_text[rows[i : i + batch_size]]
-                    length = int(lengths[text].max())  # texts are right-padded: skip all-padding columns
+                    batch = rows[i : i + batch_size]
+                    text = pair_text[batch]
+                    length = int(pair_length[batch].max())  # texts are right-padded: skip all-padding columns
                     logit = model.itm_logits(None, input_ids[text, :length].to(device),
                                              attention_mask[text, :length].to(device),
                                              image_index[i : i + batch_size].to(device), image_kv)
