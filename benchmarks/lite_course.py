@@ -48,8 +48,11 @@ from blip2_lite.lite.shapes_world import (
     load_shapes_world,
 )
 
-# The course's time budget is 15 minutes on a 2-core CPU; 2 of them are kept for chapters still to come.
-COURSE_SECONDS = 15 * 60 - 2 * 60
+# The course's budget is 15 minutes on a 2-core CPU for every chapter (`scripts/course.sh` is the
+# measure). These phases are most of it; the chapters' other cells (figures, the evaluation and
+# cross-attention chapters) took 3 to 5 minutes more in fresh-clone runs, so a pipeline over 13
+# minutes cannot fit: a necessary condition, not the course's bar.
+PIPELINE_SECONDS = 15 * 60 - 2 * 60
 
 
 def cpu_model() -> str:
@@ -184,7 +187,7 @@ def main():
             bar(section, f"vqa_{qtype}", values(family, f"vqa_{qtype}"), ">=", round(2 * majority, 1),
                 f"2 x majority {majority:.1f}")
     if args.preset == "course":
-        bar("course", "seconds (one seed)", course, "<=", COURSE_SECONDS)
+        bar("course", "pipeline seconds (one seed)", course, "<=", PIPELINE_SECONDS)
 
     print(f"\n  {'metric':<28} {'value':>18}  bar")
     section = None

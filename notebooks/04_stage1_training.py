@@ -154,7 +154,7 @@ for direction in ("i2t", "t2i"):
 # %%
 test_split, test_data = world.dataset["test"], world.splits["test"]
 ids, mask, text_image = test_data.flat_texts()
-image_itc, text_itc = itc_embeddings(model, test_data.features, ids, mask)
+image_itc, text_itc = itc_embeddings(model, test_data.features, ids, mask, bf16=True)  # as the test metrics above
 scores = itc_similarity(image_itc, text_itc)
 all_captions = [c for per_image in test_split["captions"] for c in per_image]
 all_facts = [f for per_image in test_split["caption_facts"] for f in per_image]

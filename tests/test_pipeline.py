@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blip2_lite.__main__ import main
-from blip2_lite.lite.stage1_recipe import run_stage1, stage1_identity
+from blip2_lite.lite.stage1_recipe import STAGE1_EVAL_VERSION, run_stage1, stage1_identity
 from blip2_lite.lite.world import CaptionedImages, load_lite_world
 from blip2_lite.train import CHECKPOINT
 
@@ -31,7 +31,7 @@ def test_run_stage1_trains_evaluates_and_reuses_its_run(world, tmp_path):
     assert {"i2t_r1", "t2i_r5", "i2t_semantic_r1", "itm_i2t_r1", "itm_t2i_semantic_r1"} <= metrics.keys()
     assert all(0 <= v <= 100 for v in metrics.values())
     assert (tmp_path / "run" / CHECKPOINT).exists()
-    assert json.loads((tmp_path / "run" / "test_metrics.json").read_text()) == metrics
+    assert json.loads((tmp_path / "run" / f"test_metrics_v{STAGE1_EVAL_VERSION}.json").read_text()) == metrics
     again, _, metrics_again = run_stage1("smoke", root=tmp_path, run_dir=tmp_path / "run", world=world, progress=False)
     assert metrics_again == metrics
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), again.state_dict().values()))
@@ -42,7 +42,7 @@ def test_run_stage1_trains_evaluates_and_reuses_its_run(world, tmp_path):
     assert history_k.steps == history.steps and {k: metrics_k[k] for k in ("i2t_r1", "t2i_r1")} == {
         k: metrics[k] for k in ("i2t_r1", "t2i_r1")}  # the same model: ITC unchanged
     assert "itm_t2i_r5" in metrics_k
-    assert json.loads((tmp_path / "run" / "test_metrics_k5.json").read_text()) == metrics_k
+    assert json.loads((tmp_path / "run" / f"test_metrics_v{STAGE1_EVAL_VERSION}_k5.json").read_text()) == metrics_k
 
 
 def test_a_run_on_other_tokens_is_never_resumed(world):

@@ -76,6 +76,11 @@ def stage1_identity(preset: str, world: LiteWorld) -> str:
     return f"{preset}-{config_digest((STAGE1_PRESETS[preset], tokens, STAGE1_RUN_VERSION))}"
 
 
+# Bump when the test evaluation of the same trained run changes (2: ITC embeddings under bf16
+# autocast): the cached metrics of a run carry it in their file name, so older ones are not reused.
+STAGE1_EVAL_VERSION = 2
+
+
 def retrieval_on(model, split: CaptionedImages, **kwargs) -> dict[str, float]:
     ids, mask, text_image = split.flat_texts()
     return retrieval(model, split.features, ids, mask, text_image, **kwargs)
@@ -103,7 +108,8 @@ def run_stage1(preset: str = "course", root: str | None = None, run_dir: str | N
         evaluate=lambda m: {k: v for k, v in retrieval_on(m, val).items() if k.endswith("_r1")}, progress=progress,
         device=device,
     )
-    metrics_path = run_dir / ("test_metrics.json" if top_k == chosen.rerank_k else f"test_metrics_k{top_k}.json")
+    depth = "" if top_k == chosen.rerank_k else f"_k{top_k}"
+    metrics_path = run_dir / f"test_metrics_v{STAGE1_EVAL_VERSION}{depth}.json"
     if metrics_path.exists():
         test_metrics = json.loads(metrics_path.read_text())
     else:
