@@ -23,6 +23,7 @@ The scripts differ in *when* they normalise (``protocol``):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 
@@ -93,6 +94,7 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # answers repeat: a question's 10 are a few strings, a split's a few thousand
 def normalize_answer(answer: str) -> str:
     """The full VQAv2 normalisation: "The two dogs." -> "2 dogs", "1,000" -> "1000"."""
     return process_digit_article(process_punctuation(_strip(answer)))

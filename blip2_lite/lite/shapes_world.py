@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
@@ -192,9 +191,15 @@ def relevance_matrix(split: datasets.Dataset) -> torch.Tensor:
     """``[N_images, N_images * 5]`` bool: caption j (in split order) describes image i. For
     semantic recall, which counts a retrieved image that fits the caption although it is not the
     caption's own."""
-    objects = split["objects"]
+    objects = list(split["objects"])  # a list: indexing datasets' column decodes a row each time
     facts = [json.loads(f) for per_image in split["caption_facts"] for f in per_image]
-    return torch.tensor([[caption_holds(f, objs) for f in facts] for objs in objects])
+    by_count = defaultdict(list)  # only scenes with the caption's object count can match
+    for i, objs in enumerate(objects):
+        by_count[len(objs)].append(i)
+    hits = [(i, j) for j, f in enumerate(facts) for i in by_count[f["n"]] if caption_holds(f, objects[i])]
+    relevant = torch.zeros(len(objects), len(facts), dtype=torch.bool)
+    relevant[[i for i, _ in hits], [j for _, j in hits]] = True
+    return relevant
 
 
 def caption_ambiguity(split: datasets.Dataset) -> float:
@@ -204,16 +209,8 @@ def caption_ambiguity(split: datasets.Dataset) -> float:
     only guess among the k images a caption fits (expected 1/k); semantic recall
     (``caption_holds`` on the retrieved image) does not have that ceiling.
     """
-    by_count = defaultdict(list)  # only scenes with the caption's object count can match
-    for objects in split["objects"]:
-        by_count[len(objects)].append(objects)
-    ambiguous = total = 0
-    for facts_of_image in split["caption_facts"]:
-        for facts in map(json.loads, facts_of_image):
-            matches = (caption_holds(facts, objects) for objects in by_count[facts["n"]])
-            ambiguous += sum(itertools.islice(filter(None, matches), 2)) > 1  # stop at a second match
-            total += 1
-    return ambiguous / total
+    fitting = relevance_matrix(split).sum(dim=0)  # images per caption
+    return int((fitting > 1).sum()) / len(fitting)
 
 
 def show_examples(dataset: datasets.Dataset, n: int = 6, seed: int = 0):
