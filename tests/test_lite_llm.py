@@ -179,6 +179,21 @@ def test_opt_rows_start_with_eos_at_a_random_position_and_predict_every_document
     assert batch["position_ids"][:, 0].tolist() != [0, 0]  # not always at the start
 
 
+def test_encode_tokenises_each_distinct_text_once_with_the_ids_of_a_plain_call(world, tokenizer, monkeypatch):
+    texts = [q for per_image in world["train"]["questions"] for q in per_image][:60] + ["", "a red circle"] * 3
+    tokenizer(["x", "a longer text"], padding=True)  # a padded call first: its settings must not leak
+    expected = tokenizer(texts)["input_ids"]
+    calls, call = [], type(tokenizer).__call__
+
+    def counting(self, batch, **kwargs):
+        calls.append(len(batch))
+        return call(self, batch, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    assert llm_text.encode(tokenizer, texts) == expected
+    assert calls == [len(set(texts))] and llm_text.encode(tokenizer, []) == []
+
+
 def test_packing_puts_every_document_in_one_bin_within_capacity():
     lengths = [70, 5, 64, 30, 30, 60, 1, 128]
     bins = llm_text.pack(lengths, 128)

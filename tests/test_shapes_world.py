@@ -15,6 +15,7 @@ from blip2_lite.lite.shapes_world import (
     fingerprint,
     load_shapes_world,
     make_scene,
+    relevance_matrix,
     show_examples,
 )
 
@@ -152,6 +153,17 @@ def test_caption_ambiguity(world):
 
     assert 0 <= caption_ambiguity(world["test"]) <= 1
     assert caption_ambiguity(concatenate_datasets([world["val"], world["val"]])) == 1.0  # every scene twice
+
+
+def test_relevance_matrix_is_every_pair_checked(world):
+    split = world["train"]
+    facts = [f for per_image in split["caption_facts"] for f in per_image]
+    brute = [[caption_holds(f, objects) for f in facts] for objects in split["objects"]]
+    relevant = relevance_matrix(split)
+    assert relevant.tolist() == brute
+    assert all(relevant[j // 5, j] for j in range(len(facts)))  # every caption fits its own scene
+    fitting = [sum(column) for column in zip(*brute)]
+    assert caption_ambiguity(split) == sum(n > 1 for n in fitting) / len(fitting)
 
 
 def test_show_examples(world):
