@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -33,7 +33,6 @@
 # 5. the cache of frozen image features that every later chapter trains on.
 
 # %%
-import json
 import time
 from collections import Counter
 
@@ -425,7 +424,7 @@ assert random_sim[~torch.eye(len(captions), dtype=torch.bool)].min() > 0.8  # ra
 # `DATASET_VERSION`, so a change to the generator produces a new dataset instead of a stale one.
 
 # %%
-from blip2_lite.lite.shapes_world import DATASET_VERSION, caption_ambiguity, chance_levels, load_shapes_world, show_examples
+from blip2_lite.lite.shapes_world import DATASET_VERSION, chance_levels, load_shapes_world, show_examples
 
 start = time.perf_counter()
 ds = load_shapes_world()
@@ -478,17 +477,12 @@ for key, value in chance.items():
 # which has no such cap.
 
 # %%
-from blip2_lite.lite.captions import caption_holds
+from blip2_lite.lite.shapes_world import relevance_matrix
 
 test = ds["test"]
-ambiguity = caption_ambiguity(test)
-scenes_by_count = {}  # a caption's facts include the object count: only those scenes can fit
-for objects in test["objects"]:
-    scenes_by_count.setdefault(len(objects), []).append(objects)
-fitting = torch.tensor([
-    sum(caption_holds(facts, objects) for objects in scenes_by_count[facts["n"]])
-    for facts_of_image in test["caption_facts"] for facts in map(json.loads, facts_of_image)
-])
+relevant = relevance_matrix(test)  # [image, caption]: the caption's facts hold for the image (caption_holds)
+fitting = relevant.sum(dim=0)  # how many test images each caption fits
+ambiguity = int((fitting > 1).sum()) / len(fitting)  # what caption_ambiguity(test) computes
 print(f"test captions that fit more than one test image: {ambiguity:.1%} "
       f"(number of captions by how many images they fit: {dict(sorted(Counter(fitting.tolist()).items()))})")
 print(f"expected exact text->image R@1 of a model that reads the captions perfectly: {float((1 / fitting).mean()):.1%}")
