@@ -98,15 +98,16 @@ plt.show()
 
 # %%
 test = world.dataset["test"]
+read_scenes = test.select(range(100))  # 600 questions after their captions (all 3,000: 12 s more on 2 cores)
 text_only = {}
 for family, (language_model, tokenizer) in llms.items():
-    with_context = text_vqa_accuracy(language_model, tokenizer, family, test, context=True)
+    with_context = text_vqa_accuracy(language_model, tokenizer, family, read_scenes, context=True)
     prior = text_vqa_accuracy(language_model, tokenizer, family, test, context=False)
     start = tokenizer.eos_token if family == "opt" else tokenizer.pad_token  # what precedes a document
     blind_caption = generate_text(language_model, tokenizer, family, [start], max_new_tokens=40)[0]
     text_only[family] = {"context": with_context, "prior": prior, "caption": blind_caption.strip()}
-    print(f"{family}: VQA accuracy reading a caption first {with_context['vqa_overall']:.1f}%, "
-          f"from the question alone {prior['vqa_overall']:.1f}%")
+    print(f"{family}: VQA accuracy reading a caption first {with_context['vqa_overall']:.1f}% (first 100 test "
+          f"scenes), from the question alone {prior['vqa_overall']:.1f}% (all)")
     print(f"     its caption for every image: {blind_caption.strip()!r}")
 
 # %% [markdown]
