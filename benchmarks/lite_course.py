@@ -46,6 +46,7 @@ from blip2_lite.lite.shapes_world import (
     caption_ambiguity,
     chance_levels,
     load_shapes_world,
+    relevance_matrix,
 )
 
 # The course's budget is 15 minutes on a 2-core CPU for every chapter (`scripts/course.sh` is the
@@ -154,7 +155,7 @@ def main():
 
     # --- bars: each judges the median over seeds
     chance = chance_levels(world.dataset)
-    ambiguity = 100 * caption_ambiguity(world.dataset["test"])
+    ambiguity = 100 * caption_ambiguity(relevance_matrix(world.dataset["test"]))
     bars = []
 
     def bar(section, label, values, op, threshold, how=""):

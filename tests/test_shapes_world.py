@@ -151,8 +151,11 @@ def test_chance_levels(world):
 def test_caption_ambiguity(world):
     from datasets import concatenate_datasets
 
-    assert 0 <= caption_ambiguity(world["test"]) <= 1
-    assert caption_ambiguity(concatenate_datasets([world["val"], world["val"]])) == 1.0  # every scene twice
+    assert 0 <= caption_ambiguity(relevance_matrix(world["test"])) <= 1
+    twice = concatenate_datasets([world["val"], world["val"]])
+    assert caption_ambiguity(relevance_matrix(twice)) == 1.0  # every scene twice
+    with pytest.raises(ValueError, match="relevance matrix"):
+        caption_ambiguity(relevance_matrix(twice).float())
 
 
 def test_relevance_matrix_is_every_pair_checked(world):
@@ -163,7 +166,7 @@ def test_relevance_matrix_is_every_pair_checked(world):
     assert relevant.tolist() == brute
     assert all(relevant[j // 5, j] for j in range(len(facts)))  # every caption fits its own scene
     fitting = [sum(column) for column in zip(*brute)]
-    assert caption_ambiguity(split) == sum(n > 1 for n in fitting) / len(fitting)
+    assert caption_ambiguity(relevant) == sum(n > 1 for n in fitting) / len(fitting)
 
 
 def test_show_examples(world):

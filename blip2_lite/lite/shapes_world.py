@@ -202,14 +202,18 @@ def relevance_matrix(split: datasets.Dataset) -> torch.Tensor:
     return relevant
 
 
-def caption_ambiguity(split: datasets.Dataset) -> float:
-    """Fraction of the split's captions that hold for more than one of its images.
+def caption_ambiguity(relevant: torch.Tensor) -> float:
+    """Fraction of a split's captions that hold for more than one of its images.
 
-    Such captions cap exact text->image R@1: even a model that reads every caption perfectly can
-    only guess among the k images a caption fits (expected 1/k); semantic recall
-    (``caption_holds`` on the retrieved image) does not have that ceiling.
+    ``relevant`` is the split's ``relevance_matrix`` ([image, caption]). Such captions cap exact
+    text->image R@1: even a model that reads every caption perfectly can only guess among the k
+    images a caption fits (expected 1/k); semantic recall (``caption_holds`` on the retrieved
+    image) does not have that ceiling.
     """
-    fitting = relevance_matrix(split).sum(dim=0)  # images per caption
+    if relevant.dim() != 2 or relevant.dtype != torch.bool:
+        shape = tuple(relevant.shape)
+        raise ValueError(f"expected a boolean [image, caption] relevance matrix, got {relevant.dtype} {shape}")
+    fitting = relevant.sum(dim=0)  # images per caption
     return int((fitting > 1).sum()) / len(fitting)
 
 
