@@ -482,9 +482,10 @@ from blip2_lite.lite.shapes_world import caption_ambiguity, relevance_matrix
 test = ds["test"]
 relevant = relevance_matrix(test)  # [image, caption]: the caption's facts hold for the image (caption_holds)
 fitting = relevant.sum(dim=0)  # how many test images each caption fits
+captions_fitting = Counter(fitting.tolist())  # number of captions by how many images they fit
 ambiguity = caption_ambiguity(relevant)  # the share of captions that fit more than one image
 print(f"test captions that fit more than one test image: {ambiguity:.1%} "
-      f"(number of captions by how many images they fit: {dict(sorted(Counter(fitting.tolist()).items()))})")
+      f"(number of captions by how many images they fit: {dict(sorted(captions_fitting.items()))})")
 print(f"expected exact text->image R@1 of a model that reads the captions perfectly: {float((1 / fitting).mean()):.1%}")
 
 # %% [markdown]
@@ -507,7 +508,7 @@ for split_name, index in [("train", 0), ("train", 2999), ("val", 17), ("test", 1
 assert {name: len(split) for name, split in ds.items()} == {"train": 3000, "val": 300, "test": 500}
 assert 0 <= ambiguity < 0.1
 assert (fitting >= 1).all()  # every caption fits at least its own image
-assert ambiguity == sum(n for k, n in Counter(fitting.tolist()).items() if k > 1) / len(fitting)  # as printed
+assert ambiguity == sum(n for k, n in captions_fitting.items() if k > 1) / len(fitting)  # as printed
 assert abs(chance["t2i_r1"] - 100 / len(ds["test"])) < 1e-9
 assert 40 < chance["vqa_exists"] < 60
 

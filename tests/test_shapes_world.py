@@ -156,6 +156,8 @@ def test_caption_ambiguity(world):
     assert caption_ambiguity(relevance_matrix(twice)) == 1.0  # every scene twice
     with pytest.raises(ValueError, match="relevance matrix"):
         caption_ambiguity(relevance_matrix(twice).float())
+    with pytest.raises(TypeError, match="relevance_matrix"):
+        caption_ambiguity(twice)
 
 
 def test_relevance_matrix_is_every_pair_checked(world):

@@ -210,6 +210,8 @@ def caption_ambiguity(relevant: torch.Tensor) -> float:
     images a caption fits (expected 1/k); semantic recall (``caption_holds`` on the retrieved
     image) does not have that ceiling.
     """
+    if not isinstance(relevant, torch.Tensor):  # e.g. a split, which this function took before
+        raise TypeError(f"expected relevance_matrix(split), a boolean tensor, got {type(relevant).__name__}")
     if relevant.dim() != 2 or relevant.dtype != torch.bool:
         shape = tuple(relevant.shape)
         raise ValueError(f"expected a boolean [image, caption] relevance matrix, got {relevant.dtype} {shape}")
