@@ -146,6 +146,23 @@ for direction in ("i2t", "t2i"):
 # steps, on a quarter of the pairs; whether its re-ranking helps yet is an empirical question,
 # which the table above answers for this run rather than assumes.
 #
+# The paper re-ranks because ITM, which reads image and text together, should judge a pair better
+# than ITC's single dot product. That takes ITM longer to learn. A binary classifier whose labels
+# are 1 positive to 2 negatives starts at a loss of $H(1/3) = 0.637$, the entropy of its labels, and
+# only a loss below that says it tells matches from hard negatives. The next cell puts this run's
+# last ITM losses beside that plateau, and the change re-ranking makes beside the +2 points of R@1
+# in each direction that the lite world aims for (the README's probes section measures why it is
+# not reached at this budget: ITM needs more labelled pairs than 200 steps give it).
+
+# %%
+itm_plateau = -(1 / 3 * np.log(1 / 3) + 2 / 3 * np.log(2 / 3))
+print(f"ITM loss over the last 50 steps {window_mean(stage1_history.losses['itm'], -50, 50):.3f} "
+      f"(plateau: {itm_plateau:.3f})")
+for direction, name in (("i2t", "image -> text"), ("t2i", "text -> image")):
+    change = test_metrics[f"itm_{direction}_r1"] - test_metrics[f"{direction}_r1"]
+    print(f"{name}: re-ranking changes R@1 by {change:+.1f} points ({'meets' if change >= 2 else 'misses'} +2)")
+
+# %% [markdown]
 # Some examples: test images with their three best captions by ITC, two whose best caption is
 # right and two whose best caption is wrong (the first of each kind in the test split). ✓ marks one
 # of the image's own captions, ≈ a caption written for another image that fits this one too, ✗ a
@@ -190,7 +207,8 @@ plt.show()
 #   and 40% text->image; chance is 0.2%). Semantic recall also credits a retrieved image that fits
 #   the caption, which exact recall cannot.
 # * Re-ranking the top candidates with ITM is measured, not assumed: the table reports both rankings
-#   for this run, and after 200 steps ITM may or may not help yet.
+#   for this run, and the cell after it puts ITM's loss beside its plateau and the change in R@1
+#   beside the +2 points the lite world aims for.
 #
 # The exact numbers depend on the machine and are printed above rather than quoted here. The next
 # chapter hands the queries' outputs to a frozen language model: stage 2.
